@@ -1,0 +1,104 @@
+"""The agent: the local proxy plus the tunnel client under it, as one start/stop unit.
+
+The tray app drives an ``Agent`` as a library; ``fluidity-agent`` (see ``agent_cli``)
+runs one headless. The agent never decides where the server is: the lifecycle backend
+wakes the server and hands over an ``Endpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from desktop.config import AgentConfig
+from desktop.lifecycle.base import Endpoint
+from desktop.proxy import LocalProxy
+from desktop.tunnel_client import LinkObserver, LinkState, TunnelClient
+
+log = logging.getLogger("fluidity.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    link_state: LinkState
+    active_streams: int
+    connected_since: float | None
+    last_error: str | None
+    consecutive_failures: int
+    proxy_connections: int
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, on_link_change: LinkObserver | None = None) -> None:
+        self.config = config
+        self._on_link_change = on_link_change
+        self._client: TunnelClient | None = None
+        self._proxy: LocalProxy | None = None
+        self._lock = threading.Lock()
+
+    def start(self, endpoint: Endpoint) -> None:
+        """Bind the local proxy (OSError if the port is taken), then connect in the background."""
+        with self._lock:
+            if self._proxy is not None:
+                raise RuntimeError("agent already started")
+            client = TunnelClient(self.config, on_state=self._on_link_change)
+            proxy = LocalProxy(
+                client,
+                self.config.listen_address,
+                self.config.listen_port,
+                max_header_bytes=self.config.max_header_bytes,
+                header_timeout=self.config.header_timeout,
+                idle_timeout=self.config.idle_timeout,
+            )
+            proxy.start()
+            client.start(endpoint)
+            self._client, self._proxy = client, proxy
+        host, port = proxy.address
+        log.info("proxy listening", extra={"address": f"http://{host}:{port}", "server": str(endpoint)})
+
+    def set_endpoint(self, endpoint: Endpoint) -> None:
+        if self._client is not None:
+            self._client.set_endpoint(endpoint)
+
+    def wait_connected(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        client = self._client
+        return client is not None and client.wait_connected(timeout, cancel)
+
+    def stop(self) -> None:
+        with self._lock:
+            proxy, client = self._proxy, self._client
+            self._proxy = self._client = None
+        if proxy is not None:
+            proxy.stop()
+        if client is not None:
+            client.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proxy is not None
+
+    @property
+    def link_state(self) -> LinkState:
+        client = self._client
+        return client.state if client is not None else LinkState.DISCONNECTED
+
+    @property
+    def proxy_address(self) -> tuple[str, int]:
+        if self._proxy is None:
+            return self.config.listen_address, self.config.listen_port
+        return self._proxy.address
+
+    def stats(self) -> AgentStats:
+        client, proxy = self._client, self._proxy
+        if client is None:
+            return AgentStats(LinkState.DISCONNECTED, 0, None, None, 0, 0)
+        tunnel = client.stats()
+        return AgentStats(
+            tunnel.state,
+            tunnel.active_streams,
+            tunnel.connected_since,
+            tunnel.last_error,
+            tunnel.consecutive_failures,
+            proxy.active_connections if proxy is not None else 0,
+        )

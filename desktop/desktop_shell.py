@@ -1,0 +1,163 @@
+"""Hand things to the desktop: open a file or folder, copy text, let the user pick a file.
+
+A tray icon has no window of its own, so these go through whatever the platform offers
+(xdg-open/open/startfile, xclip/wl-copy/pbcopy/clip, zenity/kdialog/osascript or a tkinter
+dialog in a child process) without adding dependencies. Every function reports failure
+instead of raising, so a missing tool becomes a notification, not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from desktop.launch import command_for
+
+log = logging.getLogger("fluidity.shell")
+
+#: Bound for helper programs that should return at once (clipboard tools).
+QUICK_TIMEOUT = 5.0
+#: Bound for a file chooser the user is looking at.
+CHOOSER_TIMEOUT = 600.0
+#: Hidden ``fluidity`` flag that shows a tkinter file dialog and prints the choice.
+CHOOSE_FILE_FLAG = "--choose-file"
+
+
+def open_path(path: Path) -> str | None:
+    """Open ``path`` with the user's default application; None on success, else why not."""
+    try:
+        if sys.platform == "win32":
+            os.startfile(path)  # type: ignore[attr-defined]  # Windows only
+            return None
+        opener = "open" if sys.platform == "darwin" else shutil.which("xdg-open")
+        if opener is None:
+            return f"no xdg-open to open {path}"
+        subprocess.Popen(
+            [opener, str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as error:
+        return f"cannot open {path}: {error}"
+    return None
+
+
+def _clipboard_commands() -> list[list[str]]:
+    if sys.platform == "win32":
+        return [["clip"]]
+    if sys.platform == "darwin":
+        return [["pbcopy"]]
+    commands = []
+    if os.environ.get("WAYLAND_DISPLAY"):
+        commands.append(["wl-copy"])
+    commands += [["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]]
+    return [command for command in commands if shutil.which(command[0])]
+
+
+def _copy_with_gtk(text: str) -> bool:
+    """Use GTK's clipboard when the tray already runs a GTK main loop (gtk/appindicator backends)."""
+    if "gi.repository.Gtk" not in sys.modules:
+        return False
+    from gi.repository import Gdk, GLib, Gtk
+
+    def put() -> bool:
+        clipboard = Gtk.Clipboard.get(Gdk.SELECTION_CLIPBOARD)
+        clipboard.set_text(text, -1)
+        clipboard.store()
+        return False
+
+    GLib.idle_add(put)
+    return True
+
+
+def copy_text(text: str) -> bool:
+    """Put ``text`` on the clipboard; False when no clipboard tool is available."""
+    for command in _clipboard_commands():
+        try:
+            # xclip/xsel fork a child that serves the selection; their stdout must not be a pipe
+            # we wait on, or we would wait until the selection changes hands.
+            completed = subprocess.run(
+                command,
+                input=text.encode("utf-16-le" if command == ["clip"] else "utf-8"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=QUICK_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.warning("clipboard tool failed", extra={"tool": command[0], "error": str(error)})
+            continue
+        if completed.returncode == 0:
+            return True
+    return _copy_with_gtk(text)
+
+
+def _chooser_commands(title: str) -> list[list[str]]:
+    if sys.platform == "darwin":
+        script = f'POSIX path of (choose file with prompt "{title}")'
+        return [["osascript", "-e", script]]
+    if sys.platform == "win32":
+        return []
+    commands = []
+    if shutil.which("zenity"):
+        commands.append(["zenity", "--file-selection", f"--title={title}"])
+    if shutil.which("kdialog"):
+        commands.append(["kdialog", "--title", title, "--getopenfilename", str(Path.home())])
+    return commands
+
+
+def choose_file(title: str) -> Path | None:
+    """Ask the user for a file; None if they cancelled or no dialog could be shown."""
+    # The tkinter fallback runs in a child process: Tk must own the main thread of its
+    # process, which in the tray belongs to the icon's event loop.
+    for command in [*_chooser_commands(title), [*command_for("fluidity"), CHOOSE_FILE_FLAG, title]]:
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=CHOOSER_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.warning("file chooser failed", extra={"tool": command[0], "error": str(error)})
+            continue
+        choice = completed.stdout.strip()
+        if completed.returncode == 0 and choice:
+            return Path(choice)
+        if completed.returncode == 1:
+            return None  # every chooser here exits 1 when the user cancels
+    return None
+
+
+def run_tk_file_dialog(title: str) -> int:
+    """Body of ``fluidity --choose-file``: show a native-looking dialog, print the choice."""
+    try:
+        import tkinter
+        from tkinter import filedialog
+    except ImportError:
+        print("tkinter is not available", file=sys.stderr)
+        return 2
+    try:
+        root = tkinter.Tk()
+    except tkinter.TclError as error:
+        print(f"cannot open a dialog: {error}", file=sys.stderr)
+        return 2
+    root.withdraw()
+    choice = filedialog.askopenfilename(
+        title=title, filetypes=[("Certificate bundle", "*.zip *.crt *.pem *.key"), ("All files", "*")]
+    )
+    root.destroy()
+    if not choice:
+        return 1
+    print(choice)
+    return 0
+
+
+#: Signature of the three shell actions, so the tray can take replacements (tests, other UIs).
+Opener = Callable[[Path], "str | None"]
+Copier = Callable[[str], bool]
+Chooser = Callable[[str], "Path | None"]

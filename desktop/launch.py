@@ -1,0 +1,42 @@
+"""How to start Fluidity's own programs, from a pip install or from a PyInstaller bundle.
+
+A frozen bundle is one executable that runs every program (``fluidity server ...``);
+an installed package has one module per program. Autostart entries and the local
+lifecycle backend both need the right command line for the current installation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: Program name -> module whose ``main()`` runs it.
+PROGRAMS = {
+    "fluidity": "desktop.tray_app",
+    "fluidity-agent": "desktop.agent_cli",
+    "fluidity-server": "server.main",
+    "fluidity-certs": "desktop.certificates",
+    "fluidity-local": "desktop.local_default",
+}
+
+#: The subcommand a frozen bundle understands for each program.
+FROZEN_SUBCOMMANDS = {
+    "fluidity": None,
+    "fluidity-agent": "agent",
+    "fluidity-server": "server",
+    "fluidity-certs": "certs",
+    "fluidity-local": "local",
+}
+
+
+def is_frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def command_for(program: str) -> list[str]:
+    """The argv prefix that runs ``program`` in this installation."""
+    if program not in PROGRAMS:
+        raise ValueError(f"unknown program {program!r}")
+    if is_frozen():
+        sub = FROZEN_SUBCOMMANDS[program]
+        return [sys.executable] if sub is None else [sys.executable, sub]
+    return [sys.executable, "-m", PROGRAMS[program]]

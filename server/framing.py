@@ -1,0 +1,941 @@
+"""Fluidity wire protocol and control-plane messages, sans I/O.
+
+One module shared by the agent, the tunnel server and the Lambda handlers. It turns
+bytes into typed events and method calls into bytes, and keeps the per-connection and
+per-stream state (handshake, stream lifecycle, credit-based flow control). It never
+touches sockets, threads or clocks, so it can be fuzzed and reasoned about alone;
+the threaded I/O lives in ``server.tunnel_link``.
+
+Wire format: every frame is a 10-byte header ``type:u8 flags:u8 stream:u32 length:u32``
+followed by ``length`` payload bytes. Stream 0 carries connection-level frames.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">BBII")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+DEFAULT_INITIAL_WINDOW = 256 * 1024
+#: Hard ceiling for any negotiated payload size, so a hostile peer cannot make us allocate gigabytes.
+MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
+MIN_PAYLOAD_LIMIT = 1024
+MAX_WINDOW = 2**31 - 1
+MAX_HOST_LENGTH = 255
+MAX_MESSAGE_LENGTH = 1024
+PING_LENGTH = 8
+#: A HELLO is small JSON; cap it separately so the handshake cannot be used to send huge blobs.
+MAX_HELLO_LENGTH = 4096
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    OPEN = 2
+    OPEN_OK = 3
+    OPEN_FAIL = 4
+    DATA = 5
+    FIN = 6
+    RESET = 7
+    WINDOW = 8
+    PING = 9
+    PONG = 10
+    GOAWAY = 11
+
+
+CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
+
+
+class FailReason(enum.IntEnum):
+    """Why a stream could not be opened or was reset; ``.label`` is the machine-readable name."""
+
+    DNS = 1
+    REFUSED = 2
+    TIMEOUT = 3
+    UNREACHABLE = 4
+    POLICY = 5
+    LIMIT = 6
+    SHUTTING_DOWN = 7
+    INTERNAL = 8
+    CANCELLED = 9
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class GoAwayReason(enum.IntEnum):
+    NORMAL = 0
+    SHUTDOWN = 1
+    PROTOCOL_ERROR = 2
+    VERSION_MISMATCH = 3
+    INTERNAL = 4
+    KEEPALIVE_TIMEOUT = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class ProtocolError(Exception):
+    """The one error a peer's bytes can raise; the I/O layer answers it with GOAWAY and closes."""
+
+    def __init__(self, message: str, reason: GoAwayReason = GoAwayReason.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class UsageError(Exception):
+    """Raised when the local program misuses the state machine (a bug here, not the peer's fault)."""
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    stream_id: int
+    payload: bytes = b""
+    flags: int = 0
+
+
+def encode_frame(frame: Frame) -> bytes:
+    return HEADER.pack(frame.type, frame.flags, frame.stream_id, len(frame.payload)) + frame.payload
+
+
+class FrameDecoder:
+    """Incremental byte-to-frame decoder; enforces the header-level rules only."""
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        buf = self._buffer
+        offset = 0
+        while len(buf) - offset >= HEADER_SIZE:
+            ftype, flags, stream_id, length = HEADER.unpack_from(buf, offset)
+            try:
+                kind = FrameType(ftype)
+            except ValueError:
+                raise ProtocolError(f"unknown frame type {ftype}") from None
+            limit = MAX_HELLO_LENGTH if kind is FrameType.HELLO else self.max_payload
+            if length > limit:
+                raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds the limit of {limit}")
+            if len(buf) - offset - HEADER_SIZE < length:
+                break
+            start = offset + HEADER_SIZE
+            with memoryview(buf) as view:
+                payload = bytes(view[start : start + length])
+            frames.append(Frame(kind, stream_id, payload, flags))
+            offset = start + length
+        if offset:
+            del buf[:offset]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# --------------------------------------------------------------------------- payload codecs
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_REASON = struct.Struct(">B")
+_GOAWAY = struct.Struct(">BI")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    peer: str
+    software: str
+    protocol: int = PROTOCOL_VERSION
+    capabilities: tuple[str, ...] = ()
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+
+    def encode(self) -> bytes:
+        body = {
+            "protocol": self.protocol,
+            "peer": self.peer,
+            "software": self.software,
+            "capabilities": list(self.capabilities),
+            "max_payload": self.max_payload,
+            "initial_window": self.initial_window,
+        }
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        try:
+            body = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("HELLO payload is not JSON") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("HELLO payload is not a JSON object")
+        protocol = body.get("protocol")
+        if not isinstance(protocol, int) or isinstance(protocol, bool):
+            raise ProtocolError("HELLO has no protocol version")
+        peer = body.get("peer")
+        software = body.get("software", "")
+        caps = body.get("capabilities", [])
+        max_payload = body.get("max_payload", DEFAULT_MAX_PAYLOAD)
+        window = body.get("initial_window", DEFAULT_INITIAL_WINDOW)
+        if not isinstance(peer, str) or not isinstance(software, str):
+            raise ProtocolError("HELLO peer and software must be strings")
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ProtocolError("HELLO capabilities must be a list of strings")
+        if not _is_int_in(max_payload, MIN_PAYLOAD_LIMIT, MAX_PAYLOAD_LIMIT):
+            raise ProtocolError(f"HELLO max_payload {max_payload!r} is out of range")
+        if not _is_int_in(window, 1, MAX_WINDOW):
+            raise ProtocolError(f"HELLO initial_window {window!r} is out of range")
+        return cls(peer, software, protocol, tuple(caps), max_payload, window)
+
+
+def _is_int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def encode_open(host: str, port: int) -> bytes:
+    raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+    if not raw or len(raw) > MAX_HOST_LENGTH:
+        raise UsageError(f"host name must be 1..{MAX_HOST_LENGTH} bytes")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port {port} out of range")
+    return _U16.pack(port) + raw
+
+
+def decode_open(payload: bytes) -> tuple[str, int]:
+    if len(payload) < 3 or len(payload) > 2 + MAX_HOST_LENGTH:
+        raise ProtocolError("OPEN payload has a bad length")
+    (port,) = _U16.unpack_from(payload)
+    if port == 0:
+        raise ProtocolError("OPEN names port 0")
+    try:
+        host = payload[2:].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("OPEN host is not ASCII") from None
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise ProtocolError("OPEN host has control or space characters")
+    return host, port
+
+
+def _encode_reason(reason: int, message: str) -> bytes:
+    return _REASON.pack(reason) + message.encode("utf-8", "replace")[:MAX_MESSAGE_LENGTH]
+
+
+def _decode_reason(payload: bytes, what: str) -> tuple[FailReason, str]:
+    if not payload or len(payload) > 1 + MAX_MESSAGE_LENGTH:
+        raise ProtocolError(f"{what} payload has a bad length")
+    try:
+        reason = FailReason(payload[0])
+    except ValueError:
+        raise ProtocolError(f"{what} has unknown reason {payload[0]}") from None
+    return reason, payload[1:].decode("utf-8", "replace")
+
+
+def _decode_goaway(payload: bytes) -> tuple[GoAwayReason, int, str]:
+    if len(payload) < _GOAWAY.size or len(payload) > _GOAWAY.size + MAX_MESSAGE_LENGTH:
+        raise ProtocolError("GOAWAY payload has a bad length")
+    code, last = _GOAWAY.unpack_from(payload)
+    try:
+        reason = GoAwayReason(code)
+    except ValueError:
+        raise ProtocolError(f"GOAWAY has unknown reason {code}") from None
+    return reason, last, payload[_GOAWAY.size :].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    hello: Hello
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpenRequested:
+    stream_id: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpenFailed:
+    stream_id: int
+    reason: FailReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream: no more DATA will come from it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    stream_id: int
+    reason: FailReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    reason: GoAwayReason
+    last_stream_id: int
+    message: str
+
+
+Event = (
+    HelloReceived
+    | StreamOpenRequested
+    | StreamOpened
+    | StreamOpenFailed
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowOpened
+    | PingReceived
+    | PongReceived
+    | GoAwayReceived
+)
+
+
+# --------------------------------------------------------------------------- state machine
+
+
+class Role(enum.Enum):
+    AGENT = "agent"
+    SERVER = "server"
+
+
+class ConnectionState(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"  # a GOAWAY went one way or the other: no new streams
+    CLOSED = "closed"
+
+
+class StreamState(enum.Enum):
+    OPENING = "opening"
+    OPEN = "open"
+
+
+@dataclass(slots=True)
+class _Stream:
+    state: StreamState
+    send_credit: int
+    recv_remaining: int  # bytes the peer may still send before we grant more
+    unacked: int = 0  # bytes consumed locally but not yet returned to the peer as credit
+    local_fin: bool = False
+    remote_fin: bool = False
+
+
+@dataclass(slots=True)
+class TunnelConnection:
+    """The per-tunnel protocol state of one side; call methods, then send ``data_to_send()``."""
+
+    role: Role
+    software: str
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    capabilities: tuple[str, ...] = ()
+    state: ConnectionState = ConnectionState.HANDSHAKE
+    peer_hello: Hello | None = None
+    _out: bytearray = field(default_factory=bytearray)
+    _streams: dict[int, _Stream] = field(default_factory=dict)
+    _decoder: FrameDecoder | None = None
+    _next_stream_id: int = 1
+    _highest_peer_stream: int = 0
+    _hello_sent: bool = False
+    goaway_sent: bool = False
+    goaway_received: bool = False
+
+    def __post_init__(self) -> None:
+        if not MIN_PAYLOAD_LIMIT <= self.max_payload <= MAX_PAYLOAD_LIMIT:
+            raise UsageError(f"max_payload must be {MIN_PAYLOAD_LIMIT}..{MAX_PAYLOAD_LIMIT}")
+        if not 1 <= self.initial_window <= MAX_WINDOW:
+            raise UsageError("initial_window out of range")
+        self._decoder = FrameDecoder(self.max_payload)
+
+    # ----- outbound -------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue our HELLO; both sides send one first thing."""
+        if self._hello_sent:
+            raise UsageError("HELLO already sent")
+        hello = Hello(
+            self.role.value,
+            self.software,
+            PROTOCOL_VERSION,
+            self.capabilities,
+            self.max_payload,
+            self.initial_window,
+        )
+        self._emit(FrameType.HELLO, 0, hello.encode())
+        self._hello_sent = True
+
+    def data_to_send(self) -> bytearray:
+        """Hand over everything queued for the peer (the buffer itself: no copy)."""
+        out = self._out
+        self._out = bytearray()
+        return out
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._out)
+
+    @property
+    def can_open_streams(self) -> bool:
+        return self.state is ConnectionState.OPEN and self.role is Role.AGENT
+
+    def open_stream(self, host: str, port: int) -> int:
+        if self.role is not Role.AGENT:
+            raise UsageError("only the agent opens streams")
+        if self.state is not ConnectionState.OPEN:
+            raise UsageError(f"cannot open a stream while the connection is {self.state.value}")
+        payload = encode_open(host, port)
+        stream_id = self._next_stream_id
+        if stream_id > 2**32 - 2:
+            raise UsageError("stream ids exhausted; open a new connection")
+        self._next_stream_id += 2
+        assert self.peer_hello is not None
+        self._streams[stream_id] = _Stream(
+            StreamState.OPENING, self.peer_hello.initial_window, self.initial_window
+        )
+        self._emit(FrameType.OPEN, stream_id, payload)
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        stream = self._require(stream_id)
+        if self.role is not Role.SERVER or stream.state is not StreamState.OPENING:
+            raise UsageError(f"stream {stream_id} is not waiting to be accepted")
+        stream.state = StreamState.OPEN
+        self._emit(FrameType.OPEN_OK, stream_id)
+
+    def reject_stream(self, stream_id: int, reason: FailReason, message: str) -> None:
+        stream = self._require(stream_id)
+        if self.role is not Role.SERVER or stream.state is not StreamState.OPENING:
+            raise UsageError(f"stream {stream_id} is not waiting to be accepted")
+        del self._streams[stream_id]
+        self._emit(FrameType.OPEN_FAIL, stream_id, _encode_reason(reason, message))
+
+    def send_credit(self, stream_id: int) -> int:
+        """How many DATA bytes may be sent on the stream now (0 if closed or blocked)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPEN or stream.local_fin:
+            return 0
+        return stream.send_credit
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the stream's credit allows; returns the bytes taken."""
+        stream = self._require(stream_id)
+        if stream.state is not StreamState.OPEN or stream.local_fin:
+            raise UsageError(f"stream {stream_id} is not open for sending")
+        assert self.peer_hello is not None
+        chunk = self.peer_hello.max_payload
+        taken = min(len(data), stream.send_credit)
+        offset = 0
+        while offset < taken:
+            end = min(offset + chunk, taken)
+            self._emit(FrameType.DATA, stream_id, data[offset:end])
+            offset = end
+        stream.send_credit -= taken
+        return taken
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction of the stream."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_fin:
+            return
+        if stream.state is not StreamState.OPEN:
+            raise UsageError(f"stream {stream_id} is not open")
+        stream.local_fin = True
+        self._emit(FrameType.FIN, stream_id)
+        self._maybe_forget(stream_id, stream)
+
+    def reset_stream(self, stream_id: int, reason: FailReason, message: str = "") -> None:
+        if self._streams.pop(stream_id, None) is None:
+            return
+        self._emit(FrameType.RESET, stream_id, _encode_reason(reason, message))
+
+    def acknowledge(self, stream_id: int, consumed: int) -> None:
+        """The application has consumed ``consumed`` received bytes: return credit to the peer.
+
+        Credit is returned in batches of a quarter window so WINDOW frames stay rare.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_fin or consumed <= 0:
+            return
+        stream.unacked += consumed
+        if stream.unacked >= max(1, self.initial_window // 4):
+            self._emit(FrameType.WINDOW, stream_id, _U32.pack(stream.unacked))
+            stream.recv_remaining += stream.unacked
+            stream.unacked = 0
+
+    def ping(self, opaque: bytes) -> None:
+        if len(opaque) != PING_LENGTH:
+            raise UsageError("ping payload must be 8 bytes")
+        self._emit(FrameType.PING, 0, opaque)
+
+    def goaway(self, reason: GoAwayReason, message: str = "") -> None:
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        payload = _GOAWAY.pack(reason, self._highest_peer_stream) + message.encode()[:MAX_MESSAGE_LENGTH]
+        self._emit(FrameType.GOAWAY, 0, payload)
+        if self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.CLOSING
+
+    def close(self) -> None:
+        self.state = ConnectionState.CLOSED
+        self._streams.clear()
+
+    # ----- inbound --------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes read from the peer; returns the events they carry, in order."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        assert self._decoder is not None
+        events: list[Event] = []
+        for frame in self._decoder.feed(data):
+            event = self._handle(frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def stream_ids(self) -> list[int]:
+        return list(self._streams)
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    # ----- internals ------------------------------------------------------
+
+    def _emit(self, ftype: FrameType, stream_id: int, payload: bytes | memoryview = b"") -> None:
+        self._out += HEADER.pack(ftype, 0, stream_id, len(payload))
+        self._out += payload
+
+    def _require(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise UsageError(f"stream {stream_id} is not open")
+        return stream
+
+    def _maybe_forget(self, stream_id: int, stream: _Stream) -> None:
+        if stream.local_fin and stream.remote_fin:
+            del self._streams[stream_id]
+
+    def _handle(self, frame: Frame) -> Event | None:
+        ftype = frame.type
+        if self.peer_hello is None:
+            if ftype is not FrameType.HELLO:
+                raise ProtocolError(f"expected HELLO first, got {ftype.name}")
+            return self._on_hello(frame)
+        if ftype in CONNECTION_FRAMES:
+            if frame.stream_id != 0:
+                raise ProtocolError(f"{ftype.name} must be on stream 0")
+        elif frame.stream_id == 0:
+            raise ProtocolError(f"{ftype.name} must not be on stream 0")
+        if ftype is FrameType.HELLO:
+            raise ProtocolError("second HELLO")
+        if ftype is FrameType.PING:
+            if len(frame.payload) != PING_LENGTH:
+                raise ProtocolError("PING payload must be 8 bytes")
+            self._emit(FrameType.PONG, 0, frame.payload)
+            return PingReceived(frame.payload)
+        if ftype is FrameType.PONG:
+            if len(frame.payload) != PING_LENGTH:
+                raise ProtocolError("PONG payload must be 8 bytes")
+            return PongReceived(frame.payload)
+        if ftype is FrameType.GOAWAY:
+            reason, last, message = _decode_goaway(frame.payload)
+            self.goaway_received = True
+            if self.state is ConnectionState.OPEN:
+                self.state = ConnectionState.CLOSING
+            return GoAwayReceived(reason, last, message)
+        if ftype is FrameType.OPEN:
+            return self._on_open(frame)
+        return self._on_stream_frame(frame)
+
+    def _on_hello(self, frame: Frame) -> Event:
+        if frame.stream_id != 0:
+            raise ProtocolError("HELLO must be on stream 0")
+        hello = Hello.decode(frame.payload)
+        if hello.protocol != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks Fluidity protocol {hello.protocol} ({hello.peer} {hello.software}); "
+                f"this side speaks {PROTOCOL_VERSION}: upgrade the older side",
+                GoAwayReason.VERSION_MISMATCH,
+            )
+        expected = Role.SERVER if self.role is Role.AGENT else Role.AGENT
+        if hello.peer != expected.value:
+            raise ProtocolError(f"peer says it is {hello.peer!r}, expected {expected.value!r}")
+        self.peer_hello = hello
+        if self.state is ConnectionState.HANDSHAKE:
+            self.state = ConnectionState.OPEN
+        return HelloReceived(hello)
+
+    def _on_open(self, frame: Frame) -> Event | None:
+        sid = frame.stream_id
+        if self.role is not Role.SERVER:
+            raise ProtocolError("server must not open streams")
+        if sid % 2 == 0 or sid <= self._highest_peer_stream:
+            raise ProtocolError(f"OPEN with invalid stream id {sid}")
+        host, port = decode_open(frame.payload)
+        self._highest_peer_stream = sid
+        assert self.peer_hello is not None
+        self._streams[sid] = _Stream(StreamState.OPENING, self.peer_hello.initial_window, self.initial_window)
+        if self.goaway_sent:
+            self.reject_stream(sid, FailReason.SHUTTING_DOWN, "server is shutting down")
+            return None
+        return StreamOpenRequested(sid, host, port)
+
+    def _known_closed(self, sid: int) -> bool:
+        """A frame for a stream that existed but is gone (reset race): drop it quietly."""
+        if self.role is Role.SERVER:
+            return sid % 2 == 1 and sid <= self._highest_peer_stream
+        return sid % 2 == 1 and sid < self._next_stream_id
+
+    def _on_stream_frame(self, frame: Frame) -> Event | None:
+        sid = frame.stream_id
+        ftype = frame.type
+        stream = self._streams.get(sid)
+        if stream is None:
+            if self._known_closed(sid):
+                if ftype is FrameType.OPEN_FAIL:
+                    _decode_reason(frame.payload, "OPEN_FAIL")
+                return None
+            raise ProtocolError(f"{ftype.name} for unknown stream {sid}")
+        if ftype is FrameType.OPEN_OK or ftype is FrameType.OPEN_FAIL:
+            if self.role is not Role.AGENT or stream.state is not StreamState.OPENING:
+                raise ProtocolError(f"unexpected {ftype.name} on stream {sid}")
+            if ftype is FrameType.OPEN_OK:
+                if frame.payload:
+                    raise ProtocolError("OPEN_OK carries no payload")
+                stream.state = StreamState.OPEN
+                return StreamOpened(sid)
+            reason, message = _decode_reason(frame.payload, "OPEN_FAIL")
+            del self._streams[sid]
+            return StreamOpenFailed(sid, reason, message)
+        if ftype is FrameType.RESET:
+            reason, message = _decode_reason(frame.payload, "RESET")
+            del self._streams[sid]
+            return StreamReset(sid, reason, message)
+        if stream.state is not StreamState.OPEN:
+            raise ProtocolError(f"{ftype.name} on stream {sid} before it was opened")
+        if ftype is FrameType.DATA:
+            if stream.remote_fin:
+                raise ProtocolError(f"DATA on stream {sid} after FIN")
+            size = len(frame.payload)
+            if size > stream.recv_remaining:
+                raise ProtocolError(
+                    f"stream {sid} sent {size} bytes with only {stream.recv_remaining} credit"
+                )
+            stream.recv_remaining -= size
+            return DataReceived(sid, frame.payload) if size else None
+        if ftype is FrameType.FIN:
+            if frame.payload:
+                raise ProtocolError("FIN carries no payload")
+            if stream.remote_fin:
+                raise ProtocolError(f"second FIN on stream {sid}")
+            stream.remote_fin = True
+            self._maybe_forget(sid, stream)
+            return StreamEnded(sid)
+        if ftype is FrameType.WINDOW:
+            if len(frame.payload) != 4:
+                raise ProtocolError("WINDOW payload must be 4 bytes")
+            (increment,) = _U32.unpack(frame.payload)
+            if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
+                raise ProtocolError(f"WINDOW increment {increment} is invalid")
+            stream.send_credit += increment
+            return WindowOpened(sid, increment)
+        raise ProtocolError(f"unexpected {ftype.name}")  # pragma: no cover - all types handled above
+
+
+# --------------------------------------------------------------------------- control plane
+# Replies of the Lambda control plane (Wake / Status / Kill / Sleep), built by the handlers
+# and parsed by the desktop. JSON bodies; field names are the public contract.
+
+TUNNEL_PORT = 8443
+
+
+class ServerState(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+class ControlPlaneFormatError(ValueError):
+    """A control-plane reply did not have the documented shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """What Wake, Status and Kill answer: the service's state and, once running, where to connect."""
+
+    state: ServerState
+    desired_count: int
+    running_count: int
+    pending_count: int
+    public_ip: str | None = None
+    port: int = TUNNEL_PORT
+    retry_after: int | None = None
+    task_arn: str | None = None
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "desired_count": self.desired_count,
+            "running_count": self.running_count,
+            "pending_count": self.pending_count,
+            "public_ip": self.public_ip,
+            "port": self.port,
+            "retry_after": self.retry_after,
+            "task_arn": self.task_arn,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> ServerStatus:
+        if not isinstance(body, dict):
+            raise ControlPlaneFormatError("status reply is not a JSON object")
+        try:
+            state = ServerState(body["state"])
+        except (KeyError, ValueError):
+            raise ControlPlaneFormatError(f"status reply has no valid state: {body.get('state')!r}") from None
+        counts: list[int] = []
+        for key in ("desired_count", "running_count", "pending_count"):
+            value = body.get(key)
+            if not isinstance(value, int) or not _is_int_in(value, 0, 10_000):
+                raise ControlPlaneFormatError(f"status reply field {key} is not a count: {value!r}")
+            counts.append(value)
+        ip = body.get("public_ip")
+        port = body.get("port", TUNNEL_PORT)
+        retry = body.get("retry_after")
+        task = body.get("task_arn")
+        message = body.get("message", "")
+        if ip is not None and not isinstance(ip, str):
+            raise ControlPlaneFormatError("status reply public_ip is not a string")
+        if not _is_int_in(port, 1, 65535):
+            raise ControlPlaneFormatError(f"status reply port {port!r} is invalid")
+        if retry is not None and not _is_int_in(retry, 0, 3600):
+            raise ControlPlaneFormatError(f"status reply retry_after {retry!r} is invalid")
+        if task is not None and not isinstance(task, str):
+            raise ControlPlaneFormatError("status reply task_arn is not a string")
+        if not isinstance(message, str):
+            raise ControlPlaneFormatError("status reply message is not a string")
+        return cls(state, counts[0], counts[1], counts[2], ip, port, retry, task, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneError:
+    """An error reply: ``error`` is a stable code, ``message`` says what to do about it."""
+
+    error: str
+    message: str
+    http_status: int
+    retry_after: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.error, "message": self.message}
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+    @classmethod
+    def from_json(cls, body: object, http_status: int) -> ControlPlaneError:
+        if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+            raise ControlPlaneFormatError("error reply has no error code")
+        message = body.get("message", "")
+        retry = body.get("retry_after")
+        return cls(
+            body["error"],
+            message if isinstance(message, str) else str(message),
+            http_status,
+            retry if _is_int_in(retry, 0, 3600) else None,
+        )
+
+
+def parse_control_reply(http_status: int, body: bytes) -> ServerStatus | ControlPlaneError:
+    """Parse an HTTP reply of the control plane (API Gateway adds its own ``{"message": ...}`` errors)."""
+    try:
+        parsed = json.loads(body.decode("utf-8")) if body else {}
+    except (UnicodeDecodeError, ValueError):
+        text = body[:200].decode("utf-8", "replace")
+        return ControlPlaneError(
+            "bad_reply", f"control plane answered HTTP {http_status}: {text}", http_status
+        )
+    if 200 <= http_status < 300:
+        return ServerStatus.from_json(parsed)
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        return ControlPlaneError.from_json(parsed, http_status)
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    code = "forbidden" if http_status == 403 else f"http_{http_status}"
+    text = message if isinstance(message, str) else str(parsed)[:200]
+    if http_status == 403:
+        text = f"{text or 'Forbidden'} (check the API key)"
+    return ControlPlaneError(code, text, http_status)
+
+
+def iter_frames(frames: Iterable[Frame]) -> bytes:
+    """Encode several frames into one buffer (tests and tools)."""
+    return b"".join(encode_frame(f) for f in frames)
+
+
+# --------------------------------------------------------------------------- server metrics
+# The tunnel server publishes these to CloudWatch and the Sleep Lambda reads them back;
+# both take the names from here so the two sides cannot drift apart.
+
+METRICS_NAMESPACE = "Fluidity"
+METRIC_ACTIVE_CONNECTIONS = "ActiveConnections"
+METRIC_ACTIVE_STREAMS = "ActiveStreams"
+METRIC_LAST_ACTIVITY = "LastActivityTimestamp"
+METRIC_SERVICE_DIMENSION = "Service"
+DEFAULT_CLUSTER_NAME = "fluidity"
+DEFAULT_SERVICE_NAME = "fluidity-server"
+
+
+def metric_dimensions(service_name: str) -> list[dict[str, str]]:
+    """The CloudWatch dimensions that tie a datapoint to one ECS service."""
+    return [{"Name": METRIC_SERVICE_DIMENSION, "Value": service_name}]
+
+
+class SleepAction(enum.StrEnum):
+    SCALE_DOWN = "scale_down"
+    KEEP_RUNNING = "keep_running"
+    ALREADY_STOPPED = "already_stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class SleepDecision:
+    """What one scheduled Sleep run decided, with the numbers behind it (logged and returned)."""
+
+    action: SleepAction
+    reason: str
+    checked_at: float  # epoch seconds
+    idle_threshold: float  # seconds
+    desired_count: int
+    running_count: int
+    pending_count: int
+    running_since: float | None = None  # epoch seconds; newest task start or deployment update
+    active_connections: float | None = None  # highest ActiveConnections in the window; None = no data
+    last_activity: float | None = None  # newest LastActivityTimestamp value in the window
+    idle_seconds: float | None = None
+    datapoints: int = 0
+
+    @property
+    def scale_down(self) -> bool:
+        return self.action is SleepAction.SCALE_DOWN
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "reason": self.reason,
+            "checked_at": self.checked_at,
+            "idle_threshold": self.idle_threshold,
+            "desired_count": self.desired_count,
+            "running_count": self.running_count,
+            "pending_count": self.pending_count,
+            "running_since": self.running_since,
+            "active_connections": self.active_connections,
+            "last_activity": self.last_activity,
+            "idle_seconds": self.idle_seconds,
+            "datapoints": self.datapoints,
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> SleepDecision:
+        if not isinstance(body, dict):
+            raise ControlPlaneFormatError("sleep decision is not a JSON object")
+        try:
+            action = SleepAction(body["action"])
+        except (KeyError, ValueError):
+            raise ControlPlaneFormatError(f"bad sleep decision action {body.get('action')!r}") from None
+        counts: list[int] = []
+        for key in ("desired_count", "running_count", "pending_count", "datapoints"):
+            value = body.get(key, 0)
+            if not _is_int_in(value, 0, 1_000_000):
+                raise ControlPlaneFormatError(f"sleep decision field {key} is not a count: {value!r}")
+            counts.append(value)
+        numbers: list[float | None] = []
+        for key in _SLEEP_NUMBERS:
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ControlPlaneFormatError(f"sleep decision field {key} is not a number: {value!r}")
+            numbers.append(None if value is None else float(value))
+        checked_at, threshold, running_since, connections, last_activity, idle = numbers
+        if checked_at is None or threshold is None:
+            raise ControlPlaneFormatError("sleep decision lacks checked_at or idle_threshold")
+        reason = body.get("reason", "")
+        return cls(
+            action,
+            reason if isinstance(reason, str) else str(reason),
+            checked_at,
+            threshold,
+            counts[0],
+            counts[1],
+            counts[2],
+            running_since,
+            connections,
+            last_activity,
+            idle,
+            counts[3],
+        )
+
+
+_SLEEP_NUMBERS = (
+    "checked_at",
+    "idle_threshold",
+    "running_since",
+    "active_connections",
+    "last_activity",
+    "idle_seconds",
+)

@@ -1,0 +1,68 @@
+"""Copy bytes between a TCP socket and a tunnel stream until both directions end.
+
+Used by the server (stream <-> target) and the agent (client <-> stream after CONNECT
+or a WebSocket upgrade). Half-closes are propagated, so protocols that rely on them
+keep working; an error in either direction tears down both.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from server.stream_api import ByteStream, StreamClosedError
+
+CHUNK = 256 * 1024
+
+
+def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chunk: int = CHUNK) -> bool:
+    """Relay until both sides have finished; returns True when both ended cleanly.
+
+    ``initial`` is data already read from the socket that belongs to the stream (e.g. bytes
+    a client pipelined after its CONNECT). The caller still owns and closes both ends.
+    """
+    failed = threading.Event()
+
+    def upstream() -> None:
+        try:
+            if initial:
+                stream.sendall(initial)
+            buf = bytearray(chunk)
+            view = memoryview(buf)
+            while True:
+                n = sock.recv_into(buf)
+                if n == 0:
+                    stream.shutdown_write()
+                    return
+                stream.sendall(view[:n])
+        except (OSError, StreamClosedError):
+            _fail()
+
+    def _fail() -> None:
+        if failed.is_set():
+            return
+        failed.set()
+        # Unblock the other direction: closing the stream fails its recv, shutting the
+        # socket fails its recv/send.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        stream.close()
+
+    thread = threading.Thread(target=upstream, name="relay-up", daemon=True)
+    thread.start()
+    try:
+        while True:
+            data = stream.recv(chunk)
+            if not data:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                break
+            sock.sendall(data)
+    except (OSError, StreamClosedError):
+        _fail()
+    thread.join()
+    return not failed.is_set()

@@ -1,0 +1,57 @@
+"""What a tunnel stream looks like to its users, and the errors it reports.
+
+Shared by the agent's proxy and the tunnel server, so both relay the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+#: Failure labels a dial can report; the proxy turns them into HTTP statuses.
+DIAL_FAILURE_LABELS = frozenset(
+    {
+        "dns",
+        "refused",
+        "timeout",
+        "unreachable",
+        "policy",
+        "limit",
+        "shutting_down",
+        "internal",
+        "cancelled",
+        "tunnel_down",
+    }
+)
+
+
+class DialError(Exception):
+    """A stream could not be opened; ``reason`` is one of DIAL_FAILURE_LABELS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason if reason in DIAL_FAILURE_LABELS else "internal"
+        self.message = message
+
+
+class StreamClosedError(ConnectionError):
+    """The stream was reset or the link under it died; ``reason`` says why when known."""
+
+    def __init__(self, message: str, reason: str = "internal") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ByteStream(Protocol):
+    """A bidirectional, half-closable byte stream with socket-like blocking calls."""
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        """Send all bytes, blocking while the peer's window is full; raises StreamClosedError."""
+
+    def recv(self, max_bytes: int) -> bytes:
+        """Block for data; ``b""`` once the peer half-closed; raises StreamClosedError on reset."""
+
+    def shutdown_write(self) -> None:
+        """Half-close: tell the peer no more data follows."""
+
+    def close(self) -> None:
+        """Release the stream; resets it if either direction is still open."""
