@@ -308,46 +308,28 @@ class _ClientConnection:
         """Forward one request and relay its response; True if the client connection stays open."""
         framing = request_body_framing(request)
         client_keeps_alive = request_keeps_alive(request)
-        forward = build_forward_head(request, target, client_keeps_alive=client_keeps_alive)
-        for attempt in (1, 2):
-            upstream, reused = self._upstream_for(target, has_body=framing.kind != "none")
-            try:
-                try:
-                    upstream.stream.sendall(forward)
-                except (StreamClosedError, OSError) as error:
-                    raise _UpstreamLost(f"upstream stream failed: {error}", responded=False) from None
-                if framing.kind != "none":
-                    if expects_continue(request):
-                        self._send_to_client(CONTINUE)
-                    self._relay_request_body(framing, upstream.stream)
-                raw_head, response = self._read_final_response_head(upstream)
-                break
-            except _UpstreamLost as lost:
-                self._drop_upstream()
-                if reused and not lost.responded and framing.kind == "none" and attempt == 1:
-                    self._log.debug(
-                        "%s: kept-alive upstream %s was stale; redialling", self.peer, target.display
-                    )
-                    continue
-                raise _RequestRejected(
-                    502,
-                    f"{target.display} closed the connection without a response",
-                    "http_response_incomplete",
-                    str(lost),
-                ) from None
-        self._send_to_client(raw_head)
+        upstream, raw_head, response, body_sent = self._send_request(
+            request, target, framing, client_keeps_alive
+        )
         if response.status == 101:
+            self._send_to_client(raw_head)
             if is_websocket_upgrade(request):
                 self._relay_raw(upstream.stream, bytes(upstream.pending))
-                upstream.pending.clear()
             self._drop_upstream()
             return False
-        response_framing = response_body_framing(request.method, response)
+        try:
+            response_framing = response_body_framing(request.method, response)
+        except HttpHeadError as error:
+            self._drop_upstream()
+            raise _RequestRejected(
+                502, error.message, "http_response_content_length", "bad response"
+            ) from None
+        self._send_to_client(raw_head)
         try:
             self._relay_response_body(response_framing, upstream)
         except _UpstreamLost as lost:
             self._log.warning(
-                "%s: %s %s: upstream failed mid-response, closing client: %s",
+                "%s: %s %s: upstream failed mid-response, closing the client connection: %s",
                 self.peer,
                 request.method,
                 target.display,
@@ -356,12 +338,59 @@ class _ClientConnection:
             self._drop_upstream()
             return False
         upstream.last_used = time.monotonic()
-        reusable = (
+        if not body_sent:
+            # The rest of the client's body is still arriving; read it off so closing
+            # does not reset the connection and destroy the response just sent.
+            self._close_gracefully()
+            return False
+        keep_open = (
             client_keeps_alive and response_keeps_alive(response) and response_framing.kind != "until_close"
         )
-        if not reusable:
+        if not keep_open:
             self._drop_upstream()
-        return reusable
+        return keep_open
+
+    def _send_request(
+        self, request: RequestHead, target: ProxyTarget, framing: BodyFraming, client_keeps_alive: bool
+    ) -> tuple[_Upstream, bytes, ResponseHead, bool]:
+        """Send head and body upstream and read the final response head.
+
+        Returns (upstream, raw head, parsed head, whether the whole body went up). A
+        kept-alive upstream that turns out to be closed is replaced once when nothing of
+        the request has been consumed from the client yet; an origin that answers before
+        taking the whole body (413, 401) still has its answer relayed.
+        """
+        forward = build_forward_head(request, target, client_keeps_alive=client_keeps_alive)
+        has_body = framing.kind != "none"
+        for attempt in (1, 2):
+            upstream, reused = self._upstream_for(target, has_body=has_body)
+            body_sent = True
+            try:
+                self._send_upstream(upstream.stream, forward)
+                if has_body:
+                    if expects_continue(request):
+                        self._send_to_client(CONTINUE)
+                    try:
+                        self._relay_request_body(framing, upstream.stream)
+                    except _UpstreamLost as lost:
+                        self._log.debug("%s: upstream stopped taking the body: %s", self.peer, lost)
+                        body_sent = False
+                raw_head, response = self._read_final_response_head(upstream)
+                return upstream, raw_head, response, body_sent
+            except _UpstreamLost as lost:
+                self._drop_upstream()
+                if reused and not lost.responded and not has_body and attempt == 1:
+                    self._log.debug(
+                        "%s: kept-alive upstream %s was closed; redialling", self.peer, target.display
+                    )
+                    continue
+                raise _RequestRejected(
+                    502,
+                    f"{target.display} closed the connection without a response",
+                    "http_response_incomplete",
+                    str(lost),
+                ) from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _upstream_for(self, target: ProxyTarget, *, has_body: bool) -> tuple[_Upstream, bool]:
         """The kept-alive stream to this host:port if it is safe to reuse, else a new one."""
@@ -571,12 +600,16 @@ class _ClientConnection:
         try:
             self.sock.settimeout(self._settings.idle_timeout)
             self.sock.sendall(response)
+        except OSError:
+            return
+        self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
+        """Half-close, then drain the client briefly so unread input cannot turn the close into a reset."""
+        try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        self._linger()
-
-    def _linger(self) -> None:
         deadline = time.monotonic() + LINGER_SECONDS
         drained = 0
         with contextlib.suppress(OSError):

@@ -102,12 +102,16 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdoutHandler(logging.Handler):
     """Writes to whatever ``sys.stdout`` is at the time (Lambda ships stdout lines to CloudWatch Logs)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
-        super().emit(record)
+        try:
+            line = self.format(record)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging must never break a request
+            self.handleError(record)
 
 
 def configure_logging(env: Mapping[str, str]) -> None:

@@ -29,7 +29,7 @@ MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
 MIN_PAYLOAD_LIMIT = 1024
 MAX_WINDOW = 2**31 - 1
 MAX_HOST_LENGTH = 255
-MAX_MESSAGE_LENGTH = 1024
+MAX_MESSAGE_LENGTH = 1000  # a GOAWAY (5 + 1000 bytes) still fits the smallest max_payload, 1024
 PING_LENGTH = 8
 #: A HELLO is small JSON; cap it separately so the handshake cannot be used to send huge blobs.
 MAX_HELLO_LENGTH = 4096
@@ -118,7 +118,7 @@ class FrameDecoder:
         self.max_payload = max_payload
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         self._buffer += data
         frames: list[Frame] = []
         buf = self._buffer
@@ -180,13 +180,21 @@ class Hello:
     def decode(cls, payload: bytes) -> Hello:
         try:
             body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ProtocolError("HELLO payload is not JSON") from None
         if not isinstance(body, dict):
             raise ProtocolError("HELLO payload is not a JSON object")
         protocol = body.get("protocol")
         if not isinstance(protocol, int) or isinstance(protocol, bool):
             raise ProtocolError("HELLO has no protocol version")
+        if protocol != PROTOCOL_VERSION:
+            # Judged before any other field: a newer HELLO may have changed them all.
+            raise ProtocolError(
+                f"peer speaks Fluidity protocol {protocol} "
+                f"({body.get('peer')} {body.get('software')}); "
+                f"this side speaks {PROTOCOL_VERSION}: upgrade the older side",
+                GoAwayReason.VERSION_MISMATCH,
+            )
         peer = body.get("peer")
         software = body.get("software", "")
         caps = body.get("capabilities", [])
@@ -208,9 +216,14 @@ def _is_int_in(value: object, low: int, high: int) -> bool:
 
 
 def encode_open(host: str, port: int) -> bytes:
-    raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+    try:
+        raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+    except UnicodeError:
+        raise UsageError(f"host name {host!r} cannot be IDNA-encoded") from None
     if not raw or len(raw) > MAX_HOST_LENGTH:
         raise UsageError(f"host name must be 1..{MAX_HOST_LENGTH} bytes")
+    if not _is_clean_host(raw.decode("ascii")):
+        raise UsageError(f"host name {host!r} has control or space characters")
     if not 1 <= port <= 65535:
         raise UsageError(f"port {port} out of range")
     return _U16.pack(port) + raw
@@ -226,9 +239,14 @@ def decode_open(payload: bytes) -> tuple[str, int]:
         host = payload[2:].decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("OPEN host is not ASCII") from None
-    if not host.isprintable() or any(c.isspace() for c in host):
+    if not _is_clean_host(host):
         raise ProtocolError("OPEN host has control or space characters")
     return host, port
+
+
+def _is_clean_host(host: str) -> bool:
+    """The one rule both ends apply, so the agent never sends an OPEN the server must reject."""
+    return host.isprintable() and not any(c.isspace() for c in host)
 
 
 def _encode_reason(reason: int, message: str) -> bytes:
@@ -522,7 +540,10 @@ class TunnelConnection:
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        payload = _GOAWAY.pack(reason, self._highest_peer_stream) + message.encode()[:MAX_MESSAGE_LENGTH]
+        payload = (
+            _GOAWAY.pack(reason, self._highest_peer_stream)
+            + message.encode("utf-8", "replace")[:MAX_MESSAGE_LENGTH]
+        )
         self._emit(FrameType.GOAWAY, 0, payload)
         if self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.CLOSING
@@ -533,7 +554,7 @@ class TunnelConnection:
 
     # ----- inbound --------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes read from the peer; returns the events they carry, in order."""
         if self.state is ConnectionState.CLOSED:
             return []
@@ -808,7 +829,7 @@ def parse_control_reply(http_status: int, body: bytes) -> ServerStatus | Control
     """Parse an HTTP reply of the control plane (API Gateway adds its own ``{"message": ...}`` errors)."""
     try:
         parsed = json.loads(body.decode("utf-8")) if body else {}
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         text = body[:200].decode("utf-8", "replace")
         return ControlPlaneError(
             "bad_reply", f"control plane answered HTTP {http_status}: {text}", http_status
@@ -819,9 +840,16 @@ def parse_control_reply(http_status: int, body: bytes) -> ServerStatus | Control
         return ControlPlaneError.from_json(parsed, http_status)
     message = parsed.get("message") if isinstance(parsed, dict) else None
     code = "forbidden" if http_status == 403 else f"http_{http_status}"
-    text = message if isinstance(message, str) else str(parsed)[:200]
+    if isinstance(message, str) and message:
+        text = message
+    elif parsed:
+        text = str(parsed)[:200]
+    elif http_status == 403:
+        text = "Forbidden"
+    else:
+        text = f"control plane answered HTTP {http_status} with an empty body"
     if http_status == 403:
-        text = f"{text or 'Forbidden'} (check the API key)"
+        text = f"{text} (check the API key)"
     return ControlPlaneError(code, text, http_status)
 
 

@@ -59,10 +59,15 @@ def run(config: ServerConfig) -> int:
 
     publisher = None
     if config.emit_metrics:
-        from server.metrics import publisher_for_server
+        from server.metrics import MetricsSnapshot, publisher_from_config
 
-        publisher = publisher_for_server(config, server)
-        publisher.start()
+        def snapshot() -> MetricsSnapshot:
+            stats = server.stats()
+            return MetricsSnapshot(stats.active_tunnels, stats.active_streams, stats.last_activity)
+
+        publisher = publisher_from_config(config, snapshot)
+        if publisher is not None:
+            publisher.start()
 
     stop = threading.Event()
 

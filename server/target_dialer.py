@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +84,17 @@ def is_valid_hostname(name: str) -> bool:
     return True
 
 
-def resolve(host: str, port: int, *, numeric: bool) -> list[ResolvedAddress]:
+#: The system resolver; injectable so tests can resolve names without sending DNS queries.
+Resolver = Callable[..., list[tuple[Any, Any, Any, Any, Any]]]
+
+
+def resolve(
+    host: str, port: int, *, numeric: bool, resolver: Resolver = socket.getaddrinfo
+) -> list[ResolvedAddress]:
     """Every TCP address of ``host`` in resolver order, duplicates dropped."""
     flags = socket.AI_NUMERICHOST if numeric else 0
     try:
-        infos = socket.getaddrinfo(
-            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP, flags
-        )
+        infos = resolver(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP, flags)
     except socket.gaierror as exc:
         raise TargetDialError(FailReason.DNS, f"cannot resolve {host!r}: {exc.strerror}") from None
     except (OSError, UnicodeError) as exc:
@@ -121,7 +126,9 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def dial_target(host: str, port: int, *, policy: EgressPolicy, timeout: float) -> socket.socket:
+def dial_target(
+    host: str, port: int, *, policy: EgressPolicy, timeout: float, resolver: Resolver = socket.getaddrinfo
+) -> socket.socket:
     """A connected, blocking TCP socket (TCP_NODELAY set) to ``host:port``; raises TargetDialError.
 
     ``timeout`` bounds the connection attempts after resolution, all addresses together;
@@ -134,7 +141,7 @@ def dial_target(host: str, port: int, *, policy: EgressPolicy, timeout: float) -
     if port_refusal is not None:
         raise TargetDialError(FailReason.POLICY, port_refusal)
     name, numeric = normalize_host(host)
-    addresses = resolve(name, port, numeric=numeric)
+    addresses = resolve(name, port, numeric=numeric, resolver=resolver)
 
     allowed: list[ResolvedAddress] = []
     refusals: list[str] = []

@@ -247,7 +247,9 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
 
     def _until_close(self, size: int) -> None:
         """An HTTP/1.0-style response whose body ends when the connection closes."""
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+        )
         for piece in iter_pattern(size):
             self.wfile.write(piece)
         self.close_connection = True
@@ -423,7 +425,9 @@ def make_tls_material(directory: Path) -> TlsMaterial:
             critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
@@ -455,11 +459,14 @@ def proxy_free_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def read_http_response(sock: socket.socket, buffer: bytearray | None = None) -> tuple[bytes, bytes]:
-    """Read one Content-Length (or close-delimited) response from ``sock``: (head, body).
+def read_http_response(
+    sock: socket.socket, buffer: bytearray | None = None, *, head_request: bool = False
+) -> tuple[bytes, bytes]:
+    """Read one response from ``sock``: (head, body); no chunked bodies.
 
     A deliberately small client for raw-socket tests; ``buffer`` carries bytes read past
-    one response into the next call.
+    one response into the next call. 1xx, 204 and 304 responses and answers to HEAD
+    have no body; otherwise Content-Length is used, or the body runs until close.
     """
     pending = buffer if buffer is not None else bytearray()
     while b"\r\n\r\n" not in pending:
@@ -470,6 +477,9 @@ def read_http_response(sock: socket.socket, buffer: bytearray | None = None) -> 
     end = pending.index(b"\r\n\r\n") + 4
     head = bytes(pending[:end])
     del pending[:end]
+    status = int(head.split(b" ", 2)[1])
+    if head_request or status < 200 or status in (204, 304):
+        return head, b""
     length = None
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")

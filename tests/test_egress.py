@@ -166,6 +166,7 @@ def test_check_rejects_non_addresses(bad: str) -> None:
         (["10.0.0.0/33"], [], "is not a CIDR network"),
         (["10.0.0.1/8"], [], "is not a CIDR network"),  # host bits set: almost surely a typo
         (["example.com"], [], "is not a CIDR network"),
+        ([10], [], "is not a CIDR network"),
         ("10.0.0.0/8", [], "must be lists"),
         ([], [0], "is not a port number"),
         ([], [70000], "is not a port number"),

@@ -58,7 +58,9 @@ def _exchange(client: socket.socket, listener: socket.socket) -> None:
         assert client.recv(4) == b"pong"
 
 
-def _dial_error(host: str, port: int, policy: EgressPolicy = DEFAULT, timeout: float = TIMEOUT) -> TargetDialError:
+def _dial_error(
+    host: str, port: int, policy: EgressPolicy = DEFAULT, timeout: float = TIMEOUT
+) -> TargetDialError:
     with pytest.raises(TargetDialError) as caught:
         dial_target(host, port, policy=policy, timeout=timeout)
     return caught.value
@@ -163,7 +165,7 @@ def test_port_allow_list_is_enforced_before_resolving(listener: socket.socket) -
     error = _dial_error("127.0.0.1", listener.getsockname()[1], policy)
     assert error.reason is FailReason.POLICY and "port allow-list (443)" in error.message
     # A name that would not even resolve is refused for its port first, without a lookup.
-    assert _dial_error("unresolvable.invalid", 25, policy).reason is FailReason.POLICY
+    assert _dial_error("unresolvable.test", 25, policy).reason is FailReason.POLICY
     assert _nothing_arrived(listener)
 
 
@@ -182,8 +184,23 @@ def test_closed_port_is_refused(closed_port: int) -> None:
     assert f"127.0.0.1:{closed_port}" in error.message
 
 
+def _hosts_file_resolver(table: dict[str, str]):  # type: ignore[no-untyped-def]
+    """A real getaddrinfo restricted to a fixed table: unknown names fail like NXDOMAIN,
+    and no DNS query ever leaves the machine."""
+
+    def lookup(host: str, port: int, *args: object):  # type: ignore[no-untyped-def]
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return socket.getaddrinfo(table[host], port, *args)
+
+    return lookup
+
+
 def test_unresolvable_name_is_a_dns_failure() -> None:
-    error = _dial_error("no-such-host.invalid", 443, LOOPBACK)
+    resolver = _hosts_file_resolver({"known.test": "127.0.0.1"})
+    with pytest.raises(TargetDialError) as caught:
+        dial_target("no-such-host.invalid", 443, policy=LOOPBACK, timeout=2.0, resolver=resolver)
+    error = caught.value
     assert error.reason is FailReason.DNS and error.label == "dns"
     assert "no-such-host.invalid" in error.message
 
@@ -237,11 +254,10 @@ def test_unanswered_connect_times_out() -> None:
         server.close()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="Linux refuses TCP to multicast locally (ENETUNREACH)")
-def test_unroutable_destination_is_unreachable() -> None:
-    error = _dial_error("224.0.0.1", 80, EgressPolicy(["224.0.0.0/4"]))
-    assert error.reason is FailReason.UNREACHABLE and error.label == "unreachable"
-    assert "224.0.0.1:80" in error.message
+@pytest.mark.parametrize("err", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES])
+def test_routing_failures_are_unreachable(err: int) -> None:
+    # Built from the errno, not provoked: tests never aim a packet off loopback.
+    assert classify_connect_error(OSError(err, "no route")) is FailReason.UNREACHABLE
 
 
 def test_non_positive_timeout_is_a_usage_error() -> None:

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 from desktop.agent import Agent
 from desktop.certificates import ensure_certificates
@@ -92,7 +93,8 @@ class ServerProcess:
             if self.process is not None and self.process.poll() is not None and self._reader is not None:
                 self._reader.join(1.0)
                 if not any(line.get("message") == message for line in self.lines):
-                    raise AssertionError(f"server exited ({self.process.returncode}); log: {self.lines[-10:]}")
+                    code = self.process.returncode
+                    raise AssertionError(f"server exited ({code}); log: {self.lines[-10:]}")
             time.sleep(0.02)
         raise AssertionError(f"no {message!r} log line within {timeout} s; log: {self.lines[-10:]}")
 
@@ -200,3 +202,89 @@ def clean_env() -> dict[str, str]:
     env["NO_PROXY"] = ""
     env["no_proxy"] = ""
     return env
+
+
+# --------------------------------------------------------------------------- more parts for end-to-end tests
+# Factories for tests that need several servers or agents, or that kill, stop or restart
+# the server; plus the clients (curl, requests) pointed at an agent's proxy.
+
+ServerFactory = Callable[..., ServerProcess]
+AgentFactory = Callable[..., RunningAgent]
+
+
+@pytest.fixture
+def server_factory(pki: Pki) -> Iterator[ServerFactory]:
+    """``start(*extra_flags, allow_loopback=True, port=None)``: server processes, all stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, allow_loopback: bool = True, port: int | None = None) -> ServerProcess:
+        server = ServerProcess(server_args(pki, *extra, allow_loopback=allow_loopback), port or free_port())
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)  # a frozen server would ignore SIGTERM
+        server.stop()
+
+
+@pytest.fixture
+def agent_factory(pki: Pki) -> Iterator[AgentFactory]:
+    """``start(server_port, connected=True, **config_overrides)``: agents stopped at the end.
+
+    With ``connected=False`` the agent is started without waiting for its tunnel, for
+    tests where the tunnel is expected not to come up.
+    """
+    started: list[Agent] = []
+
+    def start(server_port: int, *, connected: bool = True, **overrides: object) -> RunningAgent:
+        if connected:
+            running = start_agent(pki, server_port, **overrides)
+        else:
+            config = agent_config(pki, server_port, **overrides)
+            running = RunningAgent(Agent(config), config)
+            running.agent.start(Endpoint("127.0.0.1", server_port))
+        started.append(running.agent)
+        return running
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not true within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def curl(proxy_url: str, *args: str, max_time: float = 20.0) -> subprocess.CompletedProcess[bytes]:
+    """Run curl through ``proxy_url`` with a clean environment and a hard time limit."""
+    return subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", f"{max_time:g}", "--proxy", proxy_url, *args],
+        capture_output=True,
+        env=clean_env(),
+        timeout=max_time + 10,
+        check=False,
+    )
+
+
+def proxy_session(proxy_url: str) -> requests.Session:
+    """A requests session that uses only ``proxy_url`` (no environment proxies or .netrc)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {"http": proxy_url, "https": proxy_url}
+    return session
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")

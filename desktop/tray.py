@@ -1,0 +1,473 @@
+"""The tray icon and its menu, bound to the Controller.
+
+This module only presents: the icon and tooltip follow the controller's snapshots, menu
+actions call the controller (which never blocks) or run file and certificate work on a
+short-lived thread, so the tray's event loop never waits for the network or a dialog.
+pystray is imported lazily because on Linux importing it without a display raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from desktop import certificates
+from desktop.autostart import Autostart
+from desktop.controller import Controller, Snapshot, State, missing_certificates
+from desktop.desktop_shell import Chooser, Copier, Opener, choose_file, copy_text, open_path
+from desktop.first_run import write_first_run_config
+from desktop.icons import tray_icon
+from desktop.lifecycle.polling import describe_status
+
+log = logging.getLogger("fluidity.tray")
+
+APP_TITLE = "Fluidity"
+#: Longest status text in the menu; the full message goes to the notification and the log.
+MENU_TEXT_LIMIT = 90
+#: How often the menu is refreshed while waking (the elapsed seconds tick).
+TICK_INTERVAL = 1.0
+#: How long a tray started at login waits for the desktop's tray host to appear.
+TRAY_HOST_WAIT = 30.0
+#: Bound for Quit: disconnect and stop the server, then leave anyway.
+QUIT_TIMEOUT = 60.0
+
+
+class TrayUnavailable(Exception):
+    """No display or no tray host: the tray cannot be shown on this machine right now."""
+
+
+# ----------------------------------------------------------------------------- environment checks
+
+
+def display_problem(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> str | None:
+    """Why no tray can be shown here (no graphical session), or None."""
+    if environ.get("PYSTRAY_BACKEND"):
+        return None  # chosen explicitly (tests use "dummy")
+    if platform in ("win32", "darwin"):
+        return None
+    if not environ.get("DISPLAY") and not environ.get("WAYLAND_DISPLAY"):
+        return "there is no graphical display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    return None
+
+
+def _x11_tray_owner(display_name: str) -> bool:
+    from Xlib import display as xdisplay
+
+    connection = xdisplay.Display(display_name)
+    try:
+        selection = connection.intern_atom(f"_NET_SYSTEM_TRAY_S{connection.get_default_screen()}")
+        return bool(connection.get_selection_owner(selection))
+    finally:
+        connection.close()
+
+
+def _status_notifier_watcher() -> bool:
+    try:
+        import gi
+
+        gi.require_version("Gio", "2.0")
+        from gi.repository import Gio
+
+        bus = Gio.bus_get_sync(Gio.BusType.SESSION, None)
+        reply = bus.call_sync(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            gi.repository.GLib.Variant("(s)", ("org.kde.StatusNotifierWatcher",)),
+            None,
+            Gio.DBusCallFlags.NONE,
+            2000,
+            None,
+        )
+        return bool(reply.unpack()[0])
+    except Exception:
+        return False
+
+
+def tray_host_problem(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> str | None:
+    """On Linux, None if an X11 system tray or a StatusNotifier host is running, else why not."""
+    if environ.get("PYSTRAY_BACKEND") == "dummy" or platform in ("win32", "darwin"):
+        return None
+    display_name = environ.get("DISPLAY")
+    if display_name:
+        try:
+            if _x11_tray_owner(display_name):
+                return None
+        except Exception as error:  # Xlib raises its own error types for unreachable displays
+            return f"cannot open the X display {display_name}: {error}"
+    if _status_notifier_watcher():
+        return None
+    return "no system tray is running in this desktop session (no tray host or StatusNotifier watcher)"
+
+
+def wait_for_tray_host(timeout: float, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Poll for a tray host (at login the tray may start before the panel); the last problem or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problem = tray_host_problem(environ)
+        if problem is None or time.monotonic() >= deadline:
+            return problem
+        time.sleep(1.0)
+
+
+def load_pystray() -> ModuleType:
+    """Import pystray, turning its import-time display errors into TrayUnavailable."""
+    try:
+        import pystray
+    except Exception as error:  # Xlib.error.DisplayNameError is not an ImportError
+        raise TrayUnavailable(f"no system tray backend could start: {error}") from None
+    return pystray
+
+
+# ----------------------------------------------------------------------------- presentation
+
+
+def _shorten(text: str, limit: int = MENU_TEXT_LIMIT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def status_line(snap: Snapshot, now: float) -> str:
+    """The first menu line: state, server address, active streams, elapsed time while waking."""
+    if snap.state is State.WAKING:
+        elapsed = int(now - snap.waking_since) if snap.waking_since is not None else 0
+        progress = f" ({describe_status(snap.server)})" if snap.server is not None else ""
+        again = "again " if snap.rewoken else ""
+        return f"Waking the server {again}… {elapsed} s{progress}"
+    if snap.state is State.CONNECTING:
+        where = f" to {snap.endpoint}" if snap.endpoint else ""
+        if snap.was_connected:
+            return _shorten(f"Reconnecting{where}… {snap.detail.removeprefix('reconnecting: ')}")
+        why = f" ({snap.detail})" if snap.detail and not snap.detail.startswith("connecting to") else ""
+        return _shorten(f"Connecting{where}…{why}")
+    if snap.state is State.CONNECTED:
+        streams = f"{snap.active_streams} active stream{'s' if snap.active_streams != 1 else ''}"
+        return f"Connected to {snap.endpoint} · {streams}"
+    if snap.state is State.ERROR:
+        return _shorten(f"Error: {snap.error or snap.detail}")
+    if snap.stopping and snap.detail:
+        return f"Disconnected ({snap.detail}…)"
+    return f"Disconnected ({snap.detail})" if snap.detail else "Disconnected"
+
+
+def proxy_url(snap: Snapshot) -> str:
+    host, port = snap.proxy_address
+    return f"http://{host}:{port}"
+
+
+class TrayApp:
+    """Owns the pystray Icon; every action goes through the controller or a background thread."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        pystray: ModuleType,
+        *,
+        config_path: Path,
+        log_path: Path,
+        autostart: Autostart,
+        autostart_command: list[str],
+        opener: Opener = open_path,
+        copier: Copier = copy_text,
+        chooser: Chooser = choose_file,
+    ) -> None:
+        self.controller = controller
+        self.pystray = pystray
+        self.config_path = config_path
+        self.log_path = log_path
+        self.cert_dir = controller.config.ca_file.parent
+        self.autostart = autostart
+        self.autostart_command = autostart_command
+        self.opener = opener
+        self.copier = copier
+        self.chooser = chooser
+        self.quit_done = threading.Event()
+        self._quitting = threading.Event()
+        self._running = False
+        self._shown_state = State.DISCONNECTED
+        self._tasks: list[threading.Thread] = []
+        self._tasks_lock = threading.Lock()
+        self.icon: Any = pystray.Icon(
+            "fluidity", icon=tray_icon(State.DISCONNECTED.value), title=APP_TITLE, menu=self.build_menu()
+        )
+        controller.subscribe(self._on_snapshot)
+
+    # ----- menu ---------------------------------------------------------------
+
+    def build_menu(self) -> Any:
+        Menu, Item = self.pystray.Menu, self.pystray.MenuItem
+        certificates_menu = Menu(
+            Item("Generate certificates", self.on_generate_certificates),
+            Item("Import bundle…", self.on_import_bundle),
+            Item("Show expiry", self.on_show_expiry),
+            Item("Open folder", self.on_open_certificate_folder),
+        )
+        return Menu(
+            Item(lambda _item: self.status_text(), None, enabled=False),
+            Item(lambda _item: self.toggle_text(), self.on_toggle, default=True),
+            Item(lambda _item: f"Copy proxy address ({self.proxy_address()})", self.on_copy_proxy_address),
+            Menu.SEPARATOR,
+            Item("Certificates", certificates_menu),
+            Item("Start at login", self.on_toggle_autostart, checked=lambda _item: self.autostart_enabled()),
+            Item("Open log", self.on_open_log),
+            Item("Open config", self.on_open_config),
+            Menu.SEPARATOR,
+            Item("Quit", self.on_quit),
+        )
+
+    def status_text(self) -> str:
+        if self._quitting.is_set():
+            return (
+                "Quitting… (stopping the server)"
+                if self.controller.policy.kill_on_disconnect
+                else "Quitting…"
+            )
+        return status_line(self.controller.snapshot(), time.monotonic())
+
+    def toggle_text(self) -> str:
+        return "Disconnect" if self.controller.snapshot().busy else "Connect"
+
+    def proxy_address(self) -> str:
+        host, port = self.controller.snapshot().proxy_address
+        return f"{host}:{port}"
+
+    def autostart_enabled(self) -> bool:
+        try:
+            return self.autostart.is_enabled()
+        except OSError:
+            return False
+
+    # ----- actions (called on the tray's event loop: never block) ------------
+
+    def on_toggle(self) -> None:
+        if not self._quitting.is_set():
+            self.controller.toggle()
+
+    def on_copy_proxy_address(self) -> None:
+        address = self.proxy_address()
+
+        def copy() -> None:
+            if self.copier(address):
+                self.notify(f"Proxy address {address} copied to the clipboard.")
+            else:
+                self.notify(f"Set your browser or system proxy to {address} (no clipboard tool found).")
+
+        self.run_in_background("copy-proxy-address", copy)
+
+    def on_generate_certificates(self) -> None:
+        def generate() -> None:
+            try:
+                created = certificates.ensure_certificates(self.cert_dir)
+            except certificates.CertificateError as error:
+                self.notify(f"Could not create certificates: {error}", error=True)
+                return
+            if created:
+                self.notify(f"Created certificates in {self.cert_dir}.")
+            else:
+                self.notify(
+                    f"Certificates already exist in {self.cert_dir}; "
+                    "replace them with `fluidity-certs init --force`."
+                )
+
+        self.run_in_background("generate-certificates", generate)
+
+    def on_import_bundle(self) -> None:
+        self.run_in_background("import-bundle", self.import_bundle)
+
+    def import_bundle(self) -> bool:
+        """Ask for a bundle (zip, or any file in a bundle folder) and import it; True on success."""
+        choice = self.chooser("Choose a Fluidity certificate bundle (.zip or a file in the bundle folder)")
+        if choice is None:
+            self.notify(
+                "No certificate bundle chosen. You can also run "
+                f"`fluidity-certs import BUNDLE --dir {self.cert_dir}`."
+            )
+            return False
+        source = choice if choice.is_dir() or choice.suffix.lower() == ".zip" else choice.parent
+        try:
+            written = certificates.import_bundle(source, self.cert_dir)
+        except certificates.CertificateError as error:
+            self.notify(f"Certificate bundle not imported: {error}", error=True)
+            return False
+        names = ", ".join(sorted(path.name for path in written))
+        self.notify(f"Imported {names} into {self.cert_dir}.")
+        return True
+
+    def on_show_expiry(self) -> None:
+        def show() -> None:
+            try:
+                infos = certificates.show(self.cert_dir)
+            except certificates.CertificateError as error:
+                self.notify(str(error), error=True)
+                return
+            lines = []
+            for info in infos:
+                if info.days_to_expiry < 0:
+                    lines.append(f"{info.file}: EXPIRED {-info.days_to_expiry} days ago")
+                else:
+                    soon = " - renew soon" if info.days_to_expiry <= certificates.EXPIRY_WARNING_DAYS else ""
+                    lines.append(f"{info.file}: expires in {info.days_to_expiry} days{soon}")
+            self.notify("\n".join(lines))
+
+        self.run_in_background("show-expiry", show)
+
+    def on_open_certificate_folder(self) -> None:
+        self.cert_dir.mkdir(parents=True, exist_ok=True)
+        self._open(self.cert_dir)
+
+    def on_toggle_autostart(self) -> None:
+        try:
+            if self.autostart.is_enabled():
+                self.autostart.disable()
+                self.notify("Fluidity will no longer start at login.")
+            else:
+                self.autostart.enable(self.autostart_command)
+                self.notify("Fluidity will start at login.")
+        except OSError as error:
+            self.notify(f"Could not change start at login ({self.autostart.describe()}): {error}", error=True)
+
+    def on_open_log(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.touch(exist_ok=True)
+        self._open(self.log_path)
+
+    def on_open_config(self) -> None:
+        try:
+            if write_first_run_config(self.config_path):
+                log.info("created settings file", extra={"path": str(self.config_path)})
+        except OSError as error:
+            self.notify(f"Could not create {self.config_path}: {error}", error=True)
+            return
+        self._open(self.config_path)
+
+    def on_quit(self) -> None:
+        """Disconnect (stopping the server if configured) off the UI thread, then end the loop."""
+        if self._quitting.is_set():
+            return
+        self._quitting.set()
+        self._refresh_menu()
+
+        def quit_app() -> None:
+            try:
+                if not self.controller.shutdown(QUIT_TIMEOUT):
+                    log.warning("quit: the server did not stop in time; leaving anyway")
+            finally:
+                self._running = False
+                self.icon.stop()
+                self.quit_done.set()
+
+        threading.Thread(target=quit_app, name="quit", daemon=True).start()
+
+    # ----- helpers ------------------------------------------------------------
+
+    def _open(self, path: Path) -> None:
+        problem = self.opener(path)
+        if problem is not None:
+            self.notify(f"{problem}. The file is at {path}.", error=True)
+
+    def run_in_background(self, name: str, work: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                work()
+            except Exception as error:
+                log.exception("%s failed", name)
+                self.notify(f"{name.replace('-', ' ')} failed: {error}", error=True)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._tasks_lock:
+            self._tasks = [task for task in self._tasks if task.is_alive()]
+            self._tasks.append(thread)
+        thread.start()
+        return thread
+
+    def wait_for_background_work(self, timeout: float) -> bool:
+        """Join the action threads started so far (tests and orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._tasks_lock:
+            tasks = list(self._tasks)
+        for task in tasks:
+            task.join(max(0.0, deadline - time.monotonic()))
+        return not any(task.is_alive() for task in tasks)
+
+    def notify(self, message: str, *, error: bool = False) -> None:
+        (log.warning if error else log.info)("notification: %s", message, extra={"notification": message})
+        if self._running and self.icon.HAS_NOTIFICATION:
+            try:
+                self.icon.notify(message, APP_TITLE)
+            except Exception:
+                log.exception("showing a notification failed")
+
+    def _refresh_menu(self) -> None:
+        if self._running:
+            self.icon.title = _shorten(f"{APP_TITLE}: {self.status_text()}", 120)
+            self.icon.update_menu()
+
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        """Controller observer (any thread): icon, tooltip, menu, and notifications on transitions."""
+        previous, self._shown_state = self._shown_state, snap.state
+        if snap.state is not previous and self._running:
+            self.icon.icon = tray_icon(snap.state.value)
+        self._refresh_menu()
+        if snap.state is previous:
+            return
+        if snap.state is State.CONNECTED:
+            self.notify(f"Connected to {snap.endpoint}. Proxy: {proxy_url(snap)}")
+        elif snap.state is State.ERROR:
+            self.notify(snap.error or snap.detail, error=True)
+        elif snap.state is State.DISCONNECTED and previous is not State.ERROR:
+            stopping = " The server is being stopped." if snap.stopping and snap.detail else ""
+            self.notify(f"Disconnected.{stopping}")
+
+    # ----- running --------------------------------------------------------------
+
+    def startup_checks(self) -> None:
+        """First-run certificates and expiry warnings (runs on a background thread)."""
+        config = self.controller.config
+        if self.controller.lifecycle.name == "local":
+            try:
+                if certificates.ensure_certificates(self.cert_dir):
+                    self.notify(f"Created certificates for the local server in {self.cert_dir}.")
+            except certificates.CertificateError as error:
+                self.notify(f"Could not create certificates: {error}", error=True)
+        elif missing_certificates(config):
+            self.notify("Fluidity needs your certificate bundle (ca.crt, client.crt, client.key) to connect.")
+            self.import_bundle()
+        try:
+            warnings = certificates.expiry_warnings(self.cert_dir)
+        except OSError:
+            warnings = []
+        if warnings:
+            self.notify("Certificates expire soon:\n" + "\n".join(warnings), error=True)
+
+    def _tick(self) -> None:
+        while self._running and not self._quitting.is_set():
+            time.sleep(TICK_INTERVAL)
+            if self.controller.snapshot().state is State.WAKING:
+                self._refresh_menu()
+
+    def _setup(self, icon: Any) -> None:
+        self._running = True
+        icon.visible = True
+        self._refresh_menu()
+        threading.Thread(target=self._tick, name="tray-tick", daemon=True).start()
+        self.run_in_background("startup-checks", self.startup_checks)
+
+    def run(self) -> None:
+        """Show the icon and run the tray's event loop until Quit (must be the main thread)."""
+        try:
+            self.icon.run(setup=self._setup)
+        except Exception as error:
+            if not self._quitting.is_set():
+                raise TrayUnavailable(f"the tray icon failed: {error}") from error
+            # gtk raises from its final notification cleanup when no notification daemon runs.
+            log.warning("tray loop ended with an error after Quit: %s", error)
+        finally:
+            self._running = False
