@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV_PYTHON="${VENV_PYTHON:-.venv/bin/python}"
 
 APT_PACKAGES=(
-  xvfb trayer x11-utils xdotool imagemagick dbus-x11 dunst desktop-file-utils
+  xvfb trayer x11-utils xdotool imagemagick dbus-x11 dunst desktop-file-utils curl
   libgirepository1.0-dev libcairo2-dev pkg-config gir1.2-gtk-3.0 gir1.2-ayatanaappindicator3-0.1
 )
 

@@ -20,7 +20,7 @@ from desktop.launch import command_for
 
 log = logging.getLogger("fluidity.shell")
 
-#: Bound for helper programs that should return at once (clipboard tools).
+#: Bound for external programs that should return at once (clipboard tools).
 QUICK_TIMEOUT = 5.0
 #: Bound for a file chooser the user is looking at.
 CHOOSER_TIMEOUT = 600.0

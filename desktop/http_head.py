@@ -5,10 +5,11 @@ to rewrite it for the origin, and where each body ends so one client connection 
 carry many requests. Keeping that here, free of sockets and clocks, lets every parsing
 and framing rule be tested byte for byte.
 
-Parsing is strict where a lax parser would let two parties disagree about message
-boundaries (request smuggling): control characters, obs-fold, whitespace before the
-colon, conflicting Content-Length. It is lenient only where that cannot happen: bare LF
-line endings and empty lines before a request line.
+Request parsing is strict where a lax parser would let two parties disagree about
+message boundaries (request smuggling): control characters, obs-fold, whitespace before
+the colon, conflicting Content-Length. It is lenient only where that cannot happen: bare
+LF line endings and empty lines before a request line. Responses are relayed verbatim,
+so a malformed response field is skipped unless it could change where the body ends.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from server.framing import MAX_HOST_LENGTH  # hosts travel in a tunnel OPEN frame
+
 DEFAULT_MAX_HEAD_BYTES = 65536
 DEFAULT_MAX_HEADER_COUNT = 100
-#: Hosts are carried in a tunnel OPEN frame, which allows at most 255 bytes.
-MAX_HOST_LENGTH = 255
 #: A chunk-size line is a hex number plus optional extensions; nothing legitimate is this long.
 MAX_CHUNK_LINE_BYTES = 4096
 MAX_TRAILER_BYTES = 65536
@@ -193,28 +194,51 @@ def _split_lines(raw: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
+#: Fields that decide where a message ends; a malformed one is never skipped over.
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+def _field_error(line: bytes) -> str | None:
+    """Why a header line is malformed, or None when it is a valid field."""
+    if line[0] in (0x20, 0x09):
+        return "obsolete line folding in a header field is not accepted"
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return "malformed header field: no colon"
+    if not _TOKEN.fullmatch(name):
+        if name.rstrip(b" \t") != name:
+            return "malformed header field: whitespace before the colon"
+        return "malformed header field name"
+    if _BAD_VALUE_BYTE.search(value):
+        return f"control character in header field {name.decode('ascii')!r}"
+    return None
+
+
 def _parse_fields(
-    lines: list[bytes], max_header_count: int, status_for_limit: int
+    lines: list[bytes], max_header_count: int, status_for_limit: int, *, tolerate_malformed: bool = False
 ) -> tuple[tuple[str, str], ...]:
+    """Header fields in order; ``tolerate_malformed`` skips bad lines that cannot affect framing.
+
+    Requests are parsed strictly. Responses are relayed verbatim, so a malformed line the
+    client may or may not accept only matters if it could change where the body ends.
+    """
     if len(lines) > max_header_count:
         raise HttpHeadError(status_for_limit, f"too many header fields (limit {max_header_count})")
     fields: list[tuple[str, str]] = []
+    previous_name = b""
     for line in lines:
         if not line:
             raise HttpHeadError(400, "malformed header section: unexpected empty line")
-        if line[0] in (0x20, 0x09):
-            raise HttpHeadError(400, "obsolete line folding in a header field is not accepted")
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise HttpHeadError(400, "malformed header field: no colon")
-        if not _TOKEN.fullmatch(name):
-            if name.rstrip(b" \t") != name:
-                raise HttpHeadError(400, "malformed header field: whitespace before the colon")
-            raise HttpHeadError(400, "malformed header field name")
-        value = value.strip(b" \t")
-        if _BAD_VALUE_BYTE.search(value):
-            raise HttpHeadError(400, f"control character in header field {name.decode('ascii')!r}")
-        fields.append((name.decode("ascii"), value.decode("latin-1")))
+        problem = _field_error(line)
+        if problem is not None:
+            folded = line[0] in (0x20, 0x09)
+            name = previous_name if folded else line.partition(b":")[0].strip(b" \t").lower()
+            if not tolerate_malformed or name in _FRAMING_FIELDS:
+                raise HttpHeadError(400, problem)
+            continue
+        name, _, value = line.partition(b":")
+        previous_name = name.lower()
+        fields.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
     return tuple(fields)
 
 
@@ -252,7 +276,11 @@ def parse_request_head(raw: bytes, *, max_header_count: int = DEFAULT_MAX_HEADER
 
 
 def parse_response_head(raw: bytes, *, max_header_count: int = 512) -> ResponseHead:
-    """Parse a response head; errors carry 502 because the fault is upstream's."""
+    """Parse a response head; errors carry 502 because the fault is upstream's.
+
+    Malformed lines that cannot change framing are left out of ``headers`` (they are
+    still relayed verbatim with the rest of the head).
+    """
     try:
         lines = _split_lines(raw)
         if not lines:
@@ -268,7 +296,7 @@ def parse_response_head(raw: bytes, *, max_header_count: int = 512) -> ResponseH
             version=_parse_version(version),
             status=int(code),
             reason=reason.decode("latin-1"),
-            headers=_parse_fields(lines[1:], max_header_count, 502),
+            headers=_parse_fields(lines[1:], max_header_count, 502, tolerate_malformed=True),
         )
     except HttpHeadError as error:
         raise HttpHeadError(502, f"upstream sent a malformed response: {error.message}") from None

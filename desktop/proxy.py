@@ -13,6 +13,7 @@ about becomes a real HTTP response naming the cause.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -206,7 +207,11 @@ class _ClientConnection:
             self.sock.close()
 
     def _dial(self, target: ProxyTarget) -> ByteStream:
-        stream = self._dialer.dial(target.host, target.port)
+        """Open a stream or raise DialError; a transport error escaping the dialer counts as internal."""
+        try:
+            stream = self._dialer.dial(target.host, target.port)
+        except (OSError, StreamClosedError) as error:
+            raise DialError("internal", str(error) or type(error).__name__) from None
         with self._lock:
             if not self._closed:
                 self._streams.add(stream)
@@ -239,7 +244,7 @@ class _ClientConnection:
                 request = parse_request_head(raw, max_header_count=self._settings.max_header_count)
                 target = classify_target(request)
                 if request.method == "CONNECT":
-                    self._tunnel(request, target)
+                    self._tunnel(target)
                     return
                 if not self._exchange(request, target):
                     return
@@ -312,9 +317,16 @@ class _ClientConnection:
             request, target, framing, client_keeps_alive
         )
         if response.status == 101:
+            if not is_websocket_upgrade(request):
+                self._drop_upstream()
+                raise _RequestRejected(
+                    502,
+                    "upstream switched protocols without being asked to",
+                    "http_protocol_error",
+                    "bad response",
+                )
             self._send_to_client(raw_head)
-            if is_websocket_upgrade(request):
-                self._relay_raw(upstream.stream, bytes(upstream.pending))
+            self._relay_raw(upstream.stream, bytes(upstream.pending))
             self._drop_upstream()
             return False
         try:
@@ -375,7 +387,9 @@ class _ClientConnection:
                     except _UpstreamLost as lost:
                         self._log.debug("%s: upstream stopped taking the body: %s", self.peer, lost)
                         body_sent = False
-                raw_head, response = self._read_final_response_head(upstream)
+                raw_head, response = self._read_final_response_head(
+                    upstream, relay_interim=request.minor_version > 0
+                )
                 return upstream, raw_head, response, body_sent
             except _UpstreamLost as lost:
                 self._drop_upstream()
@@ -434,8 +448,13 @@ class _ClientConnection:
             if used < received:
                 self._pending += self._block_view[used:received]
 
-    def _read_final_response_head(self, upstream: _Upstream) -> tuple[bytes, ResponseHead]:
-        """Read response heads, relaying interim 1xx ones, until the final (or 101) head."""
+    def _read_final_response_head(
+        self, upstream: _Upstream, *, relay_interim: bool
+    ) -> tuple[bytes, ResponseHead]:
+        """Read response heads until the final (or 101) one, relaying interim 1xx heads.
+
+        HTTP/1.0 defined no 1xx statuses, so an HTTP/1.0 client never gets one (RFC 9110 §15.2).
+        """
         while True:
             raw = self._read_response_head(upstream)
             try:
@@ -446,7 +465,8 @@ class _ClientConnection:
                 ) from None
             if response.status >= 200 or response.status == 101:
                 return raw, response
-            self._send_to_client(raw)
+            if relay_interim:
+                self._send_to_client(raw)
 
     def _read_response_head(self, upstream: _Upstream) -> bytes:
         pending = upstream.pending
@@ -519,7 +539,7 @@ class _ClientConnection:
 
     # ------------------------------------------------------------------ tunnels
 
-    def _tunnel(self, request: RequestHead, target: ProxyTarget) -> None:
+    def _tunnel(self, target: ProxyTarget) -> None:
         self._drop_upstream()
         try:
             stream = self._dial(target)
@@ -542,7 +562,7 @@ class _ClientConnection:
         if not relay(self.sock, stream, initial=early, chunk=RELAY_BLOCK_BYTES):
             self._log.debug("%s: tunnel ended with an error on one side", self.peer)
 
-    # ------------------------------------------------------------------ I/O helpers
+    # ------------------------------------------------------------------ socket and stream I/O
 
     def _recv_from_client(self, max_bytes: int) -> int:
         """Read request body bytes into the relay block; a stalled or vanished client ends the connection."""
@@ -632,6 +652,39 @@ def _origin(request: RequestHead) -> str:
         return "(invalid target)"
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_listener(host: str, port: int) -> socket.socket:
+    """A listening socket; the address is reusable at once after a restart, but never shared."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise ProxyBindError(
+            error.errno, f"cannot listen on {host}:{port}: {error.strerror or error}"
+        ) from error
+    try:
+        if os.name == "nt":  # pragma: no cover - Windows: SO_REUSEADDR there would let others steal the port
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)  # type: ignore[attr-defined]
+        else:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(sockaddr)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        listener.close()
+        raise ProxyBindError(
+            error.errno, f"cannot listen on {host}:{port}: {error.strerror or error}"
+        ) from error
+    return listener
+
+
 def _too_large(limit: int) -> _RequestRejected:
     return _RequestRejected(
         431, f"request head larger than {limit} bytes", "http_request_header_size", "head too large"
@@ -680,6 +733,7 @@ class LocalProxy:
 
     @property
     def active_connections(self) -> int:
+        """Client connections being served right now, open CONNECT/WebSocket tunnels included."""
         with self._lock:
             return len(self._connections)
 
@@ -692,23 +746,20 @@ class LocalProxy:
         if self._listener is not None:
             raise RuntimeError("the proxy is already started")
         host, port = self._listen
-        try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
-        except OSError as error:
-            raise ProxyBindError(
-                error.errno, f"cannot listen on {host}:{port}: {error.strerror or error}"
-            ) from error
-        if os.name == "nt":  # pragma: no cover - Windows only: keep other programs off our port
-            with contextlib.suppress(OSError, AttributeError):
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)  # type: ignore[attr-defined]
+        listener = _bind_listener(host, port)
         listener.setblocking(False)
         self._listener = listener
         self._waker = socket.socketpair()
         self._stopping.clear()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
         self._accept_thread.start()
-        self._log.info("proxy listening on %s", self.url)
+        if not _is_loopback(self.address[0]):
+            self._log.warning(
+                "proxy listening on %s is reachable from other machines: "
+                "anyone who can connect to it can use the tunnel",
+                self.url,
+            )
+        self._log.debug("proxy listening on %s", self.url)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every client connection and its streams, join the threads."""
@@ -735,7 +786,7 @@ class LocalProxy:
         self._listener = None
         self._waker = None
         self._accept_thread = None
-        self._log.info("proxy stopped")
+        self._log.debug("proxy stopped")
 
     def __enter__(self) -> LocalProxy:
         self.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -118,12 +119,30 @@ def wait_for_tray_host(timeout: float, environ: Mapping[str, str] = os.environ) 
         time.sleep(1.0)
 
 
+def backend_problem(backend_module: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why the backend pystray picked cannot serve users, or None.
+
+    Without PyGObject pystray falls back to plain X11, which has no menu and (pystray
+    0.19.5) never delivers clicks: an icon nobody can use. Chosen explicitly, it is allowed.
+    """
+    if backend_module.endswith("._xorg") and environ.get("PYSTRAY_BACKEND") != "xorg":
+        return (
+            "only pystray's plain X11 backend is available, which has no menu; install PyGObject "
+            '(pip install "PyGObject<3.51", with the gir1.2-gtk-3.0 and gir1.2-ayatanaappindicator3-0.1 '
+            "packages)"
+        )
+    return None
+
+
 def load_pystray() -> ModuleType:
-    """Import pystray, turning its import-time display errors into TrayUnavailable."""
+    """Import pystray, turning its import-time display errors and unusable backends into TrayUnavailable."""
     try:
         import pystray
     except Exception as error:  # Xlib.error.DisplayNameError is not an ImportError
         raise TrayUnavailable(f"no system tray backend could start: {error}") from None
+    problem = backend_problem(pystray.Icon.__module__)
+    if problem is not None:
+        raise TrayUnavailable(problem)
     return pystray
 
 
@@ -140,8 +159,8 @@ def status_line(snap: Snapshot, now: float) -> str:
     if snap.state is State.WAKING:
         elapsed = int(now - snap.waking_since) if snap.waking_since is not None else 0
         progress = f" ({describe_status(snap.server)})" if snap.server is not None else ""
-        again = "again " if snap.rewoken else ""
-        return f"Waking the server {again}… {elapsed} s{progress}"
+        again = " again" if snap.rewoken else ""
+        return f"Waking the server{again}… {elapsed} s{progress}"
     if snap.state is State.CONNECTING:
         where = f" to {snap.endpoint}" if snap.endpoint else ""
         if snap.was_connected:
@@ -195,6 +214,11 @@ class TrayApp:
         self._shown_state = State.DISCONNECTED
         self._tasks: list[threading.Thread] = []
         self._tasks_lock = threading.Lock()
+        # Icon, menu and notification calls go through one thread: the controller's observers
+        # then never wait for a tray backend (some notify synchronously), and never deadlock
+        # against a menu action waiting for the controller.
+        self._updates: queue.Queue[Callable[[], None]] = queue.Queue()
+        threading.Thread(target=self._apply_updates, name="tray-updates", daemon=True).start()
         self.icon: Any = pystray.Icon(
             "fluidity", icon=tray_icon(State.DISCONNECTED.value), title=APP_TITLE, menu=self.build_menu()
         )
@@ -366,7 +390,7 @@ class TrayApp:
 
         threading.Thread(target=quit_app, name="quit", daemon=True).start()
 
-    # ----- helpers ------------------------------------------------------------
+    # ----- plumbing -----------------------------------------------------------
 
     def _open(self, path: Path) -> None:
         problem = self.opener(path)
@@ -389,33 +413,53 @@ class TrayApp:
         return thread
 
     def wait_for_background_work(self, timeout: float) -> bool:
-        """Join the action threads started so far (tests and orderly shutdown)."""
+        """Join the action threads started so far and apply pending UI updates (tests, shutdown)."""
         deadline = time.monotonic() + timeout
         with self._tasks_lock:
             tasks = list(self._tasks)
         for task in tasks:
             task.join(max(0.0, deadline - time.monotonic()))
-        return not any(task.is_alive() for task in tasks)
+        while self._updates.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not any(task.is_alive() for task in tasks) and not self._updates.unfinished_tasks
+
+    def _apply_updates(self) -> None:
+        while True:
+            update = self._updates.get()
+            try:
+                update()
+            except Exception:
+                log.exception("updating the tray failed")
+            finally:
+                self._updates.task_done()
 
     def notify(self, message: str, *, error: bool = False) -> None:
+        """Log ``message`` and show it as a notification where the backend can."""
         (log.warning if error else log.info)("notification: %s", message, extra={"notification": message})
+        self._updates.put(lambda: self._show_notification(message))
+
+    def _show_notification(self, message: str) -> None:
         if self._running and self.icon.HAS_NOTIFICATION:
-            try:
-                self.icon.notify(message, APP_TITLE)
-            except Exception:
-                log.exception("showing a notification failed")
+            self.icon.notify(message, APP_TITLE)
 
     def _refresh_menu(self) -> None:
+        self._updates.put(self._redraw_menu)
+
+    def _redraw_menu(self) -> None:
         if self._running:
             self.icon.title = _shorten(f"{APP_TITLE}: {self.status_text()}", 120)
             self.icon.update_menu()
 
     def _on_snapshot(self, snap: Snapshot) -> None:
-        """Controller observer (any thread): icon, tooltip, menu, and notifications on transitions."""
+        """Controller observer (any thread): hand the snapshot to the update thread."""
+        self._updates.put(lambda: self._present(snap))
+
+    def _present(self, snap: Snapshot) -> None:
+        """Icon, tooltip, menu, and a notification on each transition (update thread only)."""
         previous, self._shown_state = self._shown_state, snap.state
         if snap.state is not previous and self._running:
             self.icon.icon = tray_icon(snap.state.value)
-        self._refresh_menu()
+        self._redraw_menu()
         if snap.state is previous:
             return
         if snap.state is State.CONNECTED:
@@ -456,6 +500,8 @@ class TrayApp:
     def _setup(self, icon: Any) -> None:
         self._running = True
         icon.visible = True
+        # A state reached before the loop ran has not been drawn yet.
+        self._updates.put(lambda: setattr(self.icon, "icon", tray_icon(self._shown_state.value)))
         self._refresh_menu()
         threading.Thread(target=self._tick, name="tray-tick", daemon=True).start()
         self.run_in_background("startup-checks", self.startup_checks)

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _no_tray_message(problem: str, config_path: Path) -> str:
+    log.error("cannot show the tray icon: %s", problem)  # at login the log is the only witness
     return (
         f"fluidity: cannot show the tray icon: {problem}.\n"
         f"Run the agent without a tray instead:  fluidity-agent --config {config_path}"
@@ -117,7 +118,8 @@ def _run(
     args: argparse.Namespace, config: AgentConfig, config_path: Path, explicit_config: Path | None
 ) -> int:
     log_path = config.log_file or default_log_path()
-    configure_logging(config.log_level, log_path, stream="stderr" if sys.stderr is not None else None)
+    # A tray app logs to its file ("Open log"); the terminal, if any, gets only the messages above.
+    configure_logging(config.log_level, log_path, stream=None)
     log.info("fluidity starting", extra={"version": __version__, "settings": config.describe()})
 
     problem = display_problem()

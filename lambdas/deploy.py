@@ -16,6 +16,7 @@ AWS credentials and region come from ``--profile``/``AWS_PROFILE`` and
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -31,6 +32,7 @@ from typing import Any, TextIO
 import boto3
 import botocore.exceptions
 
+from lambdas.control import ConfigError, parse_duration
 from lambdas.packaging import LambdaBundle, PackagingError, build_bundle
 
 FARGATE_STACK = "fluidity-fargate"
@@ -75,7 +77,8 @@ class Aws:
     region: str
 
     def client(self, service: str) -> Client:
-        return self.session.client(service, region_name=self.region)
+        make_client: Callable[..., Client] = self.session.client  # the stubs only type literal names
+        return make_client(service, region_name=self.region)
 
 
 def resolve_region(explicit: str | None, env: Mapping[str, str], profile_region: str | None) -> str | None:
@@ -223,7 +226,9 @@ def stack_outputs(stack: Mapping[str, Any]) -> dict[str, str]:
 
 
 def stack_parameter_values(stack: Mapping[str, Any] | None) -> dict[str, str]:
-    return {item["ParameterKey"]: item.get("ParameterValue", "") for item in (stack or {}).get("Parameters") or []}
+    return {
+        item["ParameterKey"]: item.get("ParameterValue", "") for item in (stack or {}).get("Parameters") or []
+    }
 
 
 def format_event(event: Mapping[str, Any]) -> str:
@@ -311,7 +316,9 @@ def wait_for_stack(
         if not status.endswith("IN_PROGRESS"):
             if status == wanted:
                 return dict(stack)
-            reasons = failure_reasons(seen_events) or [str(stack.get("StackStatusReason") or "no reason given")]
+            reasons = failure_reasons(seen_events) or [
+                str(stack.get("StackStatusReason") or "no reason given")
+            ]
             raise DeployError(
                 f"stack {stack['StackName']} ended in {status}:\n" + "\n".join(f"  - {r}" for r in reasons)
             )
@@ -324,7 +331,9 @@ def wait_for_stack(
         waited += waiting.poll_seconds
 
 
-def stack_parameters(values: Mapping[str, str | None], existing: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def stack_parameters(
+    values: Mapping[str, str | None], existing: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
     """CloudFormation parameters: given values, else the current value on update, else the default.
 
     The current value is passed explicitly (as describe-stacks shows it) rather than with
@@ -371,7 +380,9 @@ def deploy_stack(
             clear_failed_create(cfn, existing, out, waiting)
             existing = None
         elif status.endswith("IN_PROGRESS"):
-            raise DeployError(f"stack {name} is busy ({status}); wait until it finishes, then run deploy again")
+            raise DeployError(
+                f"stack {name} is busy ({status}); wait until it finishes, then run deploy again"
+            )
         elif status.endswith("FAILED"):
             events = cfn.describe_stack_events(StackName=name).get("StackEvents", [])
             reasons = failure_reasons(events) or [str(existing.get("StackStatusReason") or status)]
@@ -460,7 +471,7 @@ def stack_owns_resource(cfn: Client, stack: Mapping[str, Any] | None, logical_id
 
 
 def create_repository_flag(cfn: Client, ecr: Client, service_name: str, out: TextIO) -> str:
-    """"false" when a repository retained by an earlier ``destroy`` exists, so its images are reused."""
+    """ "false" when a repository retained by an earlier ``destroy`` exists, so its images are reused."""
     existing = describe_stack(cfn, FARGATE_STACK)
     if stack_owns_resource(cfn, existing, "Repository"):
         return "true"
@@ -565,7 +576,9 @@ def collect_outputs(cfn: Client) -> dict[str, dict[str, str]]:
         if stack is not None:
             found[name] = stack_outputs(stack)
     if not found:
-        raise DeployError("neither fluidity-fargate nor fluidity-lambda is deployed; run `fluidity-deploy deploy`")
+        raise DeployError(
+            "neither fluidity-fargate nor fluidity-lambda is deployed; run `fluidity-deploy deploy`"
+        )
     return found
 
 
@@ -619,8 +632,11 @@ def store_certificates(ssm: Client, cert_dir: Path, prefix: str, out: TextIO) ->
         )
         emit(out, f"Stored {cert_dir / filename} as SecureString {name}")
         names.append(name)
-    emit(out, "New tasks get them at start; restart a running server with `aws ecs update-service "
-         "--cluster fluidity --service fluidity-server --force-new-deployment`")
+    emit(
+        out,
+        "New tasks get them at start; restart a running server with `aws ecs update-service "
+        "--cluster fluidity --service fluidity-server --force-new-deployment`",
+    )
     return names
 
 
@@ -631,6 +647,37 @@ def store_certificates(ssm: Client, cert_dir: Path, prefix: str, out: TextIO) ->
 COMMANDS = ("deploy", "destroy", "outputs", "secrets")
 
 
+def api_key_value(text: str) -> str:
+    """argparse type: what API Gateway and the template accept as an API key value."""
+    if not (20 <= len(text) <= 128 and text.isascii() and text.isalnum()):
+        raise argparse.ArgumentTypeError("an API key must be 20 to 128 letters and digits")
+    return text
+
+
+def ipv4_cidr(text: str) -> str:
+    """argparse type: an IPv4 network such as 203.0.113.7/32 (the security group's source)."""
+    try:
+        network = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IPv4 network like 203.0.113.7/32: {error}"
+        ) from None
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a prefix length, e.g. {network}/32")
+    return text
+
+
+def idle_threshold(text: str) -> str:
+    """argparse type: a duration the Sleep Lambda understands (10m, 600s, 1h)."""
+    try:
+        seconds = parse_duration(text, "--idle-threshold")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--idle-threshold must be longer than zero, got {text!r}")
+    return "".join(text.split()).lower()  # "10 m" -> "10m", the template's pattern
+
+
 def emit(out: TextIO, line: str) -> None:
     out.write(line + "\n")
     out.flush()
@@ -639,10 +686,10 @@ def emit(out: TextIO, line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", help="AWS profile (default: AWS_PROFILE or the default profile)")
-    common.add_argument("--region", help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's)")
     common.add_argument(
-        "--poll-interval", type=float, default=DEFAULT_POLL_SECONDS, help=argparse.SUPPRESS
+        "--region", help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's)"
     )
+    common.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS, help=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="fluidity-deploy",
         description="Deploy, inspect or remove Fluidity's AWS stacks (fluidity-fargate, fluidity-lambda).",
@@ -650,20 +697,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{deploy,secrets,outputs,destroy}")
 
     run = commands.add_parser("deploy", parents=[common], help="create or update both stacks (default)")
-    run.add_argument("--bucket", help="S3 bucket for the Lambda zip (default: fluidity-lambda-code-ACCOUNT-REGION)")
-    run.add_argument("--allowed-cidr", help="who may reach port 8443 (default 0.0.0.0/0; e.g. 203.0.113.7/32)")
+    run.add_argument(
+        "--bucket", help="S3 bucket for the Lambda zip (default: fluidity-lambda-code-ACCOUNT-REGION)"
+    )
+    run.add_argument(
+        "--allowed-cidr",
+        type=ipv4_cidr,
+        help="who may reach port 8443 (default 0.0.0.0/0; e.g. 203.0.113.7/32)",
+    )
     run.add_argument("--image-tag", help="image tag the service runs (default: latest)")
-    run.add_argument("--idle-threshold", help="stop the server after this long idle (default 10m)")
+    run.add_argument(
+        "--idle-threshold", type=idle_threshold, help="stop the server after this long idle (default 10m)"
+    )
     run.add_argument("--alert-email", help="subscribe this address to the alarm topic")
-    run.add_argument("--api-key", help="use this API key value (20-128 letters/digits) instead of a generated one")
+    run.add_argument(
+        "--api-key",
+        type=api_key_value,
+        help="use this API key value (20-128 letters/digits) instead of a generated one",
+    )
 
     store = commands.add_parser("secrets", parents=[common], help="store the server's TLS files in SSM")
-    store.add_argument("--cert-dir", type=Path, required=True, help="folder with ca.crt, server.crt, server.key")
+    store.add_argument(
+        "--cert-dir", type=Path, required=True, help="folder with ca.crt, server.crt, server.key"
+    )
 
     show = commands.add_parser("outputs", parents=[common], help="print both stacks' outputs")
     show.add_argument("--json", action="store_true", help="print them as JSON")
 
-    remove = commands.add_parser("destroy", parents=[common], help="delete fluidity-lambda, then fluidity-fargate")
+    remove = commands.add_parser(
+        "destroy", parents=[common], help="delete fluidity-lambda, then fluidity-fargate"
+    )
     remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     remove.add_argument("--bucket", help="code bucket to remove (default: the one deploy creates)")
     remove.add_argument("--keep-bucket", action="store_true", help="keep the Lambda code bucket")
@@ -724,20 +787,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fluidity-deploy: error: {error}", file=sys.stderr)
         return 1
     except botocore.exceptions.NoCredentialsError:
-        print("fluidity-deploy: error: no AWS credentials found (run `aws configure` or set AWS_PROFILE)",
-              file=sys.stderr)
+        print(
+            "fluidity-deploy: error: no AWS credentials found (run `aws configure` or set AWS_PROFILE)",
+            file=sys.stderr,
+        )
         return 1
     except botocore.exceptions.ClientError as error:
         operation = getattr(error, "operation_name", "request")
-        print(f"fluidity-deploy: error: AWS refused {operation}: {error_code(error)}: {error_message(error)}",
-              file=sys.stderr)
+        print(
+            f"fluidity-deploy: error: AWS refused {operation}: {error_code(error)}: {error_message(error)}",
+            file=sys.stderr,
+        )
         return 1
     except botocore.exceptions.BotoCoreError as error:
         print(f"fluidity-deploy: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fluidity-deploy: interrupted; a stack operation already started keeps running in AWS",
-              file=sys.stderr)
+        print(
+            "fluidity-deploy: interrupted; a stack operation already started keeps running in AWS",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -78,7 +78,9 @@ class LocalGateway:
         server = ThreadingHTTPServer(self._address, _handler_class(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="local-gateway", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="local-gateway", daemon=True
+        )
         self._thread.start()
         return self.url
 

@@ -52,6 +52,7 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
 
     thread = threading.Thread(target=upstream, name="relay-up", daemon=True)
     thread.start()
+    socket_refused_data = False
     try:
         while True:
             data = stream.recv(chunk)
@@ -61,8 +62,17 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
                 except OSError:
                     pass
                 break
-            sock.sendall(data)
+            try:
+                sock.sendall(data)
+            except OSError:
+                # The socket's peer stopped taking data (e.g. an origin that answered an upload
+                # early and closed). What it sent before is still readable: let the other
+                # direction relay it to the end, then tear down.
+                socket_refused_data = True
+                break
     except (OSError, StreamClosedError):
         _fail()
     thread.join()
+    if socket_refused_data:
+        _fail()
     return not failed.is_set()

@@ -72,10 +72,17 @@ def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLCon
 def describe_ssl_error(exc: BaseException) -> str:
     """A one-line reason a user can act on, e.g. 'the server did not accept our certificate'."""
     text = str(getattr(exc, "reason", "") or exc)
+    # OpenSSL names a failure of our own checks CERTIFICATE_VERIFY_FAILED; the *_ALERT_* names
+    # below are alerts the peer sent, i.e. the peer refused OUR certificate.
     hints = {
         "CERTIFICATE_REQUIRED": "the server requires a client certificate and none was accepted",
-        "UNKNOWN_CA": "the peer's certificate is not signed by our CA",
-        "CERTIFICATE_EXPIRED": "a certificate has expired (renew with `fluidity-certs renew`)",
+        "UNKNOWN_CA": (
+            "the peer does not trust our certificate: it is not signed by the peer's CA "
+            "(both sides need certificates from the same `fluidity-certs init`)"
+        ),
+        "CERTIFICATE_EXPIRED": (
+            "the peer says our certificate has expired (renew with `fluidity-certs renew`)"
+        ),
         "BAD_CERTIFICATE": "the peer rejected our certificate",
         "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
         "CERTIFICATE_VERIFY_FAILED": "certificate verification failed",

@@ -77,6 +77,8 @@ class LinkStream:
             while not self._buffer:
                 if self._error is not None:
                     raise self._error
+                if self._closed:
+                    raise StreamClosedError("stream closed by the application", "cancelled")
                 if self._eof:
                     return b""
                 if link._closed_reason is not None:
@@ -115,7 +117,9 @@ class LinkStream:
                         raise self._error
                     if link._closed_reason is not None:
                         raise StreamClosedError(f"tunnel closed: {link._closed_reason}", "tunnel_down")
-                    if self._local_fin or self._closed:
+                    if self._closed:
+                        raise StreamClosedError("stream closed by the application", "cancelled")
+                    if self._local_fin:
                         raise StreamClosedError("stream already shut down for writing", "internal")
                     credit = conn.send_credit(self.stream_id)
                     if credit > 0:
@@ -308,6 +312,12 @@ class TunnelLink:
                 self._writer_cond.notify()
             stream._buffer.clear()
             stream._buffered = 0
+            if stream._error is None:  # wake any thread still blocked in recv/sendall
+                stream._error = StreamClosedError("stream closed locally", "cancelled")
+            stream._cond.notify_all()
+            # Another thread may be blocked in recv or sendall on this stream (a relay's
+            # other direction): wake it so it fails now instead of waiting for the peer.
+            stream._cond.notify_all()
 
     # ----- reader ---------------------------------------------------------
 

@@ -5,12 +5,15 @@ The echo/download HTTP origin, its TLS twin and the WebSocket echo servers come 
 pytest fixtures and adds the one origin only the tunnel tests need: ``ControlledOrigin``,
 which counts the bytes it manages to send (to show back-pressure reaching it), can hold a
 response half-way until the test releases it (a download that is provably in flight), and
-can hold N requests until all N are waiting at once (to prove streams are concurrent).
+can hold N requests until all N are waiting at once (to prove streams are concurrent); and
+``EarlyRefusalOrigin``, which refuses uploads before reading them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -62,16 +65,18 @@ class _ControlledHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(size))
         self.end_headers()
         written = 0
-        for piece in iter_pattern(size, WRITE_BLOCK):
-            if hold_after is not None and written >= hold_after:
-                hold_after = None
-                origin.holding.set()
-                if not origin.release.wait(IO_TIMEOUT):
-                    self.close_connection = True
-                    return  # never released: give up rather than hang a test
-            self.wfile.write(piece)
-            written += len(piece)
-            origin.count_sent(len(piece))
+        for block in iter_pattern(size):  # the same bytes as pattern_bytes(size)
+            for start in range(0, len(block), WRITE_BLOCK):
+                if hold_after is not None and written >= hold_after:
+                    hold_after = None
+                    origin.holding.set()
+                    if not origin.release.wait(IO_TIMEOUT):
+                        self.close_connection = True
+                        return  # never released: give up rather than hang a test
+                piece = block[start : start + WRITE_BLOCK]
+                self.wfile.write(piece)
+                written += len(piece)
+                origin.count_sent(len(piece))
 
     def _gate(self, name: str) -> None:
         try:
@@ -144,6 +149,54 @@ class ControlledOrigin:
         self.stop()
 
 
+class EarlyRefusalOrigin:
+    """Answers every request with 413 as soon as its head arrives and closes without reading the
+    body, so the kernel resets the connection while the client is still uploading."""
+
+    REPLY = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._thread = threading.Thread(target=self._serve, name="early-refusal-origin", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            with conn:
+                conn.settimeout(IO_TIMEOUT)
+                head = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in head:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        head += data
+                    conn.sendall(self.REPLY)
+
+    def start(self) -> EarlyRefusalOrigin:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        self._listener.close()
+        self._thread.join(IO_TIMEOUT)
+
+    def __enter__(self) -> EarlyRefusalOrigin:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def wait_until_sent_settles(origin: ControlledOrigin, quiet: float = 0.5, timeout: float = 20.0) -> int:
     """Poll until the origin's send counter stops moving for ``quiet`` seconds: it is blocked."""
     deadline = time.monotonic() + timeout
@@ -158,44 +211,46 @@ def wait_until_sent_settles(origin: ControlledOrigin, quiet: float = 0.5, timeou
 
 
 # --------------------------------------------------------------------------- fixtures
+# Import the ``*_fixture`` functions into a test module to use the fixture named without
+# the suffix (the names differ so a test's argument does not shadow the import).
 
 
-@pytest.fixture(scope="module")
-def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+@pytest.fixture(name="tls_material", scope="module")
+def tls_material_fixture(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     return make_tls_material(tmp_path_factory.mktemp("origin-tls"))
 
 
-@pytest.fixture(scope="module")
-def http_origin() -> Iterator[OriginServer]:
+@pytest.fixture(name="http_origin", scope="module")
+def http_origin_fixture() -> Iterator[OriginServer]:
     with OriginServer("alpha") as origin:
         yield origin
 
 
-@pytest.fixture(scope="module")
-def second_origin() -> Iterator[OriginServer]:
+@pytest.fixture(name="second_origin", scope="module")
+def second_origin_fixture() -> Iterator[OriginServer]:
     with OriginServer("beta") as origin:
         yield origin
 
 
-@pytest.fixture(scope="module")
-def tls_origin(tls_material: TlsMaterial) -> Iterator[OriginServer]:
+@pytest.fixture(name="tls_origin", scope="module")
+def tls_origin_fixture(tls_material: TlsMaterial) -> Iterator[OriginServer]:
     with OriginServer("secure", tls=tls_material.server_context()) as origin:
         yield origin
 
 
-@pytest.fixture(scope="module")
-def ws_origin() -> Iterator[WebSocketEchoServer]:
+@pytest.fixture(name="ws_origin", scope="module")
+def ws_origin_fixture() -> Iterator[WebSocketEchoServer]:
     with WebSocketEchoServer() as server:
         yield server
 
 
-@pytest.fixture(scope="module")
-def wss_origin(tls_material: TlsMaterial) -> Iterator[WebSocketEchoServer]:
+@pytest.fixture(name="wss_origin", scope="module")
+def wss_origin_fixture(tls_material: TlsMaterial) -> Iterator[WebSocketEchoServer]:
     with WebSocketEchoServer(tls=tls_material.server_context()) as server:
         yield server
 
 
-@pytest.fixture
-def controlled_origin() -> Iterator[ControlledOrigin]:
+@pytest.fixture(name="controlled_origin")
+def controlled_origin_fixture() -> Iterator[ControlledOrigin]:
     with ControlledOrigin() as origin:
         yield origin

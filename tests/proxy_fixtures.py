@@ -316,6 +316,50 @@ class OriginServer:
         self.stop()
 
 
+class ScriptedOrigin:
+    """A raw TCP origin: connection N reads one request head, sends ``replies[N]`` and closes.
+
+    For behaviour a well-mannered server never shows: closing kept-alive connections
+    silently, answering before reading an upload, unsolicited 1xx/101 responses.
+    """
+
+    def __init__(self, replies: list[bytes]) -> None:
+        self.replies = replies
+        self.requests: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(IO_TIMEOUT)
+        self._thread = threading.Thread(target=self._serve, name="scripted-origin", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def _serve(self) -> None:
+        for reply in self.replies:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(IO_TIMEOUT)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    head += data
+                self.requests.append(head)
+                conn.sendall(reply)
+
+    def __enter__(self) -> ScriptedOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._thread.join(IO_TIMEOUT)
+        self._listener.close()
+
+
 # --------------------------------------------------------------------------- WebSocket origin
 
 

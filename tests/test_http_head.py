@@ -128,11 +128,34 @@ def test_response_head_parses_and_blames_upstream() -> None:
     head = parse_response_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
     assert (head.status, head.reason, head.get("content-length")) == (404, "Not Found", "0")
     assert parse_response_head(b"HTTP/1.0 200\r\n\r\n").reason == ""
-    for raw in (b"HTTP/1.1 2x0 OK\r\n\r\n", b"ICY 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"):
+    for raw in (b"HTTP/1.1 2x0 OK\r\n\r\n", b"ICY 200 OK\r\n\r\n", b"HTTP/1.1 200 O\x00K\r\n\r\n"):
         with pytest.raises(HttpHeadError) as caught:
             parse_response_head(raw)
         assert caught.value.status == 502
         assert "upstream" in caught.value.message
+
+
+def test_malformed_response_fields_that_cannot_change_framing_are_skipped() -> None:
+    head = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nServer : odd\r\nX-Ctl: a\x01b\r\nNo colon\r\nX-Fold: a\r\n b\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    assert head.headers == (("X-Fold", "a"), ("Content-Length", "5"))
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Content-Length : 5",
+        b"Transfer-Encoding\t: chunked",
+        b"Connection: clo\x00se",
+        b"Content-Length: 5\r\n 6",
+    ],
+)
+def test_malformed_framing_fields_in_a_response_are_a_502(field: bytes) -> None:
+    with pytest.raises(HttpHeadError) as caught:
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + field + b"\r\n\r\n")
+    assert caught.value.status == 502
 
 
 # --------------------------------------------------------------------------- targets

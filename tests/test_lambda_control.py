@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from cloud_fixtures import FluidityCloud, MotoEndpoint
 
 pytest_plugins = ["cloud_fixtures"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def api_event(method: str, path: str, *, resource: str | None = None) -> dict[str, Any]:
@@ -481,3 +486,23 @@ def test_sleep_decision_round_trips_through_json() -> None:
         SleepDecision.from_json({"action": "nap", "checked_at": 1, "idle_threshold": 1})
     with pytest.raises(ControlPlaneFormatError):
         SleepDecision.from_json({**decision.to_json(), "idle_seconds": "long"})
+
+
+def test_lambda_modules_import_only_what_the_bundle_carries() -> None:
+    """The Lambda zip holds lambdas/ and server/framing.py; boto3 and the stdlib come with the runtime."""
+    allowed = set(sys.stdlib_module_names) | {"boto3", "botocore", "lambdas", "server.framing", "__future__"}
+    for name in ("control", "handlers", "sleep_policy", "local_gateway"):
+        tree = ast.parse((ROOT / "lambdas" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                ok = (
+                    module in allowed or (top in allowed and top != "server") or module.startswith("lambdas.")
+                )
+                assert ok, f"lambdas/{name}.py imports {module}, which the Lambda bundle does not carry"

@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from proxy_fixtures import (
     DirectDialer,
     FailingDialer,
     OriginServer,
+    ScriptedOrigin,
     TlsMaterial,
     WebSocketEchoServer,
     closed_port,
@@ -121,7 +121,7 @@ def proxy_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-def session(proxy: LocalProxy, *, credentials: str = "") -> requests.Session:
+def proxied_client(proxy: LocalProxy, *, credentials: str = "") -> requests.Session:
     client = requests.Session()
     client.trust_env = False
     url = proxy.url.replace("http://", f"http://{credentials}@") if credentials else proxy.url
@@ -172,7 +172,7 @@ def test_each_method_reaches_the_origin_rewritten_with_its_body(
     proxy: LocalProxy, origin_a: OriginServer, method: str
 ) -> None:
     body = bytes(range(256)) * 40
-    with session(proxy, credentials="user:secret") as client:
+    with proxied_client(proxy, credentials="user:secret") as client:
         reply = client.request(method, origin_a.url("/echo/x?q=1&r=2"), data=body, timeout=IO_TIMEOUT)
     assert reply.status_code == 200
     report = reply.json()
@@ -234,7 +234,7 @@ def test_curl_chunked_upload(proxy: LocalProxy, origin_a: OriginServer, tmp_path
 
 def test_requests_generator_body_is_sent_chunked(proxy: LocalProxy, origin_a: OriginServer) -> None:
     pieces = [b"first", b"x" * 300_000, b"last"]
-    with session(proxy) as client:
+    with proxied_client(proxy) as client:
         report = client.post(origin_a.url("/echo"), data=iter(pieces), timeout=IO_TIMEOUT).json()
     assert header(report, "Transfer-Encoding") == "chunked"
     assert report["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
@@ -305,7 +305,7 @@ def test_http_1_0_client_gets_the_response_then_the_connection_closes(
 
 
 def test_response_framings_are_tracked(proxy: LocalProxy, origin_a: OriginServer) -> None:
-    with session(proxy) as client:
+    with proxied_client(proxy) as client:
         chunked = client.get(origin_a.url("/chunked/1000003"), timeout=IO_TIMEOUT)
         assert chunked.headers["Transfer-Encoding"] == "chunked"
         assert hashlib.sha256(chunked.content).hexdigest() == pattern_sha256(1_000_003)
@@ -316,7 +316,7 @@ def test_response_framings_are_tracked(proxy: LocalProxy, origin_a: OriginServer
         assert client.get(origin_a.url("/status/404"), timeout=IO_TIMEOUT).text == "status 404\n"
         closing = client.get(origin_a.url("/close/300000"), timeout=IO_TIMEOUT)
         assert hashlib.sha256(closing.content).hexdigest() == pattern_sha256(300_000)
-        # The same session keeps working after each of those.
+        # The same client connection pool keeps working after each of those.
         assert client.get(origin_a.url("/echo"), timeout=IO_TIMEOUT).json()["origin"] == "a"
 
 
@@ -337,7 +337,7 @@ def test_chunked_response_then_next_request_on_the_same_connection(
 def test_100_mib_download_is_intact(proxy: LocalProxy, origin_a: OriginServer) -> None:
     size = 100 * MIB
     digest = hashlib.sha256()
-    with session(proxy) as client:
+    with proxied_client(proxy) as client:
         reply = client.get(origin_a.url(f"/download/{size}"), stream=True, timeout=IO_TIMEOUT)
         assert reply.status_code == 200
         for block in reply.iter_content(MIB):
@@ -347,7 +347,7 @@ def test_100_mib_download_is_intact(proxy: LocalProxy, origin_a: OriginServer) -
 
 def test_200_concurrent_requests_all_succeed(proxy: LocalProxy, origin_a: OriginServer) -> None:
     def fetch(index: int) -> str:
-        with session(proxy) as client:
+        with proxied_client(proxy) as client:
             reply = client.get(origin_a.url(f"/echo/{index}"), timeout=30)
             reply.raise_for_status()
             return str(reply.json()["path"])
@@ -374,7 +374,7 @@ def test_https_through_connect_with_curl_and_requests(
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["origin"], report["body_sha256"]) == ("tls", hashlib.sha256(b"secret").hexdigest())
-    with session(proxy) as client:
+    with proxied_client(proxy) as client:
         reply = client.get(
             tls_origin.url("/download/3000000", "localhost"),
             verify=str(tls_material.ca_path),
@@ -460,13 +460,16 @@ def test_websocket_upgrade_in_absolute_form_switches_to_a_raw_relay(
                 protocol.receive_data(data)
                 events.extend(protocol.events_received())
 
+        def echoed(message: bytes) -> Callable[[], bool]:
+            return lambda: any(isinstance(e, Frame) and e.data == message for e in events)
+
         pump_until(lambda: any(isinstance(e, Response) for e in events))
         response = next(e for e in events if isinstance(e, Response))
         assert response.status_code == 101
         for message in (b"first", b"second" * 10000):
             protocol.send_binary(message)
             sock.sendall(b"".join(protocol.data_to_send()))
-            pump_until(lambda m=message: any(isinstance(e, Frame) and e.data == m for e in events))  # type: ignore[misc]
+            pump_until(echoed(message))
         assert all(e.opcode == Opcode.BINARY for e in events if isinstance(e, Frame))
 
 
@@ -503,7 +506,7 @@ def test_garbage_gets_400_and_the_proxy_keeps_serving(
     assert_error(head, body, 400, "not HTTP")
     head, body = exchange(proxy, b"hello there\r\n\r\n")
     assert_error(head, body, 400, "request line")
-    with session(proxy) as client:
+    with proxied_client(proxy) as client:
         assert client.get(origin_a.url("/echo"), timeout=IO_TIMEOUT).status_code == 200
     failures = warnings_logged(proxy_log)
     assert len(failures) == 2
@@ -624,6 +627,19 @@ def test_dial_failures_map_to_statuses(
     assert all(r.exc_info is None for r in warnings_logged(proxy_log))
 
 
+class _BrokenDialer:
+    """A dialer whose transport fails underneath it instead of raising DialError."""
+
+    def dial(self, host: str, port: int) -> Any:
+        raise ConnectionResetError("link reset while opening")
+
+
+def test_a_transport_error_escaping_the_dialer_is_a_502(make_proxy: Callable[..., LocalProxy]) -> None:
+    broken = make_proxy(_BrokenDialer())
+    head, body = exchange(broken, b"GET http://site.example/ HTTP/1.1\r\n\r\n")
+    assert_error(head, body, 502, "link reset while opening", "(internal)")
+
+
 def test_curl_shows_the_failure_text(make_proxy: Callable[..., LocalProxy]) -> None:
     failing = make_proxy(FailingDialer("dns", "cannot resolve 'nowhere.example'"))
     result = curl(failing, "--write-out", "%{http_code}", "http://nowhere.example/")
@@ -648,70 +664,76 @@ def test_upstream_dying_mid_response_closes_the_client(
 
 
 def test_origin_answering_before_taking_the_whole_body_is_relayed(proxy: LocalProxy) -> None:
-    """An origin that refuses an upload early and closes: the client still gets the refusal."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(IO_TIMEOUT)
-
-    def refuse_early() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(IO_TIMEOUT)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(4096)
-            conn.sendall(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
-            )
-        # Closing with the upload unread makes the kernel reset the connection.
-
-    server = threading.Thread(target=refuse_early, daemon=True)
-    server.start()
-    port = listener.getsockname()[1]
+    """An origin that refuses an upload early and closes (with the upload unread, so the
+    kernel resets the connection): the client still gets the refusal."""
+    refusal = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
     size = 8 * MIB
-    with raw_client(proxy) as sock:
+    with ScriptedOrigin([refusal]) as origin, raw_client(proxy) as sock:
         sock.sendall(
-            f"PUT http://127.0.0.1:{port}/upload HTTP/1.1\r\nContent-Length: {size}\r\n\r\n".encode()
+            f"PUT http://127.0.0.1:{origin.port}/up HTTP/1.1\r\nContent-Length: {size}\r\n\r\n".encode()
         )
         with contextlib.suppress(OSError):
             sock.sendall(b"u" * size)
         head, body = read_http_response(sock)
-    server.join(IO_TIMEOUT)
-    listener.close()
     assert head.startswith(b"HTTP/1.1 413 ")
     assert body == b"too large"
 
 
 def test_stale_kept_alive_upstream_is_replaced_transparently(proxy: LocalProxy) -> None:
     """An origin that closes idle connections without saying so: the next request is retried once."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(IO_TIMEOUT)
-    accepted: list[int] = []
-
-    def answer_once_then_close() -> None:
-        for index in range(2):
-            conn, _ = listener.accept()
-            accepted.append(index)
-            with conn:
-                conn.settimeout(IO_TIMEOUT)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nanswer %d" % (8, index))
-
-    server = threading.Thread(target=answer_once_then_close, daemon=True)
-    server.start()
-    port = listener.getsockname()[1]
-    with raw_client(proxy) as sock:
+    replies = [b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswer %d" % index for index in range(2)]
+    with ScriptedOrigin(replies) as origin, raw_client(proxy) as sock:
         pending = bytearray()
         bodies = []
         for _ in range(2):
-            sock.sendall(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n".encode())
+            sock.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode())
             bodies.append(read_http_response(sock, pending)[1])
-            time.sleep(0.05)
-    server.join(IO_TIMEOUT)
-    listener.close()
     assert bodies == [b"answer 0", b"answer 1"]
-    assert accepted == [0, 1]
+    assert len(origin.requests) == 2
+
+
+@pytest.mark.parametrize(("version", "relayed"), [("HTTP/1.1", True), ("HTTP/1.0", False)])
+def test_interim_responses_reach_http_1_1_clients_only(
+    proxy: LocalProxy, version: str, relayed: bool
+) -> None:
+    reply = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    with ScriptedOrigin([reply]) as origin, raw_client(proxy) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/ {version}\r\n\r\n".encode())
+        pending = bytearray()
+        heads = [read_http_response(sock, pending)]
+        if relayed:
+            heads.append(read_http_response(sock, pending))
+    assert [head.split(b"\r\n")[0] for head, _ in heads] == (
+        [b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 200 OK"] if relayed else [b"HTTP/1.1 200 OK"]
+    )
+    assert heads[-1][1] == b"ok"
+
+
+def test_unasked_protocol_switch_from_upstream_is_a_502(proxy: LocalProxy) -> None:
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    with ScriptedOrigin([switch]) as origin:
+        head, body = exchange(
+            proxy, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nUpgrade: h2c\r\n\r\n".encode()
+        )
+    assert_error(head, body, 502, "switched protocols")
+    assert b"upgrade" not in origin.requests[0].lower()
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "conflicting Content-Length"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "malformed response"),
+        (b"", "closed the connection without a response"),
+    ],
+)
+def test_broken_upstream_responses_are_a_502(proxy: LocalProxy, reply: bytes, words: str) -> None:
+    with ScriptedOrigin([reply]) as origin:
+        head, body = exchange(proxy, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode())
+    assert_error(head, body, 502, words)
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -723,6 +745,24 @@ def test_defaults_bind_loopback_and_report_the_real_port(dialer: Dialer) -> None
         assert host == "127.0.0.1" and port > 0
         assert fresh.url == f"http://127.0.0.1:{port}"
         assert fresh.running
+
+
+def _ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_ipv6_loopback_listener(dialer: Dialer, origin_a: OriginServer) -> None:
+    with LocalProxy(dialer, "::1", 0) as on_v6:
+        assert on_v6.url == f"http://[::1]:{on_v6.address[1]}"
+        with proxied_client(on_v6) as client:
+            report = client.get(origin_a.url("/echo/v6"), timeout=IO_TIMEOUT).json()
+    assert report["path"] == "/echo/v6"
 
 
 def test_port_in_use_is_a_clear_bind_error(proxy: LocalProxy, dialer: Dialer) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 from desktop.controller import Controller, Snapshot, State
 
 #: Screen and tray geometry: trayer docks at the top right, one 48 px row.
-SCREEN_WIDTH, SCREEN_HEIGHT = 640, 240
+SCREEN_WIDTH, SCREEN_HEIGHT = 640, 320
 TRAY_WIDTH, TRAY_HEIGHT = 200, 48
 TOOLS = (
     "Xvfb",
@@ -125,7 +125,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None
 
 
 @contextmanager
-def display_session() -> Iterator[DisplaySession]:
+def display_session(*, tray_host: bool = True) -> Iterator[DisplaySession]:
     """Xvfb on a free display, a session bus (dbus-run-session), dunst and trayer, torn down after."""
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -157,6 +157,9 @@ def display_session() -> Iterator[DisplaySession]:
         # Lets the bus start a notification daemon on demand on this display.
         session.run("dbus-update-activation-environment", "DISPLAY")
         processes.append(_start(["dunst"], session.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if not tray_host:
+            yield session
+            return
         processes.append(
             _start(
                 [
@@ -192,7 +195,7 @@ def display_session() -> Iterator[DisplaySession]:
             stop_process(process)
 
 
-# ----------------------------------------------------------------------------- controller helpers
+# ----------------------------------------------------------------------------- controller waits
 
 
 def wait_for_snapshot(

@@ -206,14 +206,15 @@ def clean_env() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- more parts for end-to-end tests
 # Factories for tests that need several servers or agents, or that kill, stop or restart
-# the server; plus the clients (curl, requests) pointed at an agent's proxy.
+# the server; plus the clients (curl, requests) pointed at an agent's proxy. Import the
+# ``*_fixture`` functions to use the fixtures (named without the suffix).
 
 ServerFactory = Callable[..., ServerProcess]
 AgentFactory = Callable[..., RunningAgent]
 
 
-@pytest.fixture
-def server_factory(pki: Pki) -> Iterator[ServerFactory]:
+@pytest.fixture(name="server_factory")
+def server_factory_fixture(pki: Pki) -> Iterator[ServerFactory]:
     """``start(*extra_flags, allow_loopback=True, port=None)``: server processes, all stopped at the end."""
     started: list[ServerProcess] = []
 
@@ -230,8 +231,8 @@ def server_factory(pki: Pki) -> Iterator[ServerFactory]:
         server.stop()
 
 
-@pytest.fixture
-def agent_factory(pki: Pki) -> Iterator[AgentFactory]:
+@pytest.fixture(name="agent_factory")
+def agent_factory_fixture(pki: Pki) -> Iterator[AgentFactory]:
     """``start(server_port, connected=True, **config_overrides)``: agents stopped at the end.
 
     With ``connected=False`` the agent is started without waiting for its tunnel, for

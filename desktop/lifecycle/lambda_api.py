@@ -67,7 +67,7 @@ class LambdaLifecycle:
             reason = getattr(error, "reason", error)
             if isinstance(reason, socket.timeout | TimeoutError):
                 raise TransientLifecycleError(
-                    "unreachable", f"{action}: no reply from the control plane within {timeout:g} s"
+                    "unreachable", f"{action}: no reply from the control plane within {timeout:.1f} s"
                 ) from None
             raise TransientLifecycleError(
                 "unreachable", f"{action}: cannot reach the control plane at {self._base}: {reason}"
@@ -91,7 +91,7 @@ class LambdaLifecycle:
         if cancel.is_set():
             raise WakeCancelled()
         try:
-            first = self._call("POST", "wake", min(REQUEST_TIMEOUT, timeout))
+            first = self._call("POST", "wake", REQUEST_TIMEOUT)
         except TransientLifecycleError as error:
             # Without a successful wake there is nothing to wait for: report it now.
             raise LifecycleError(error.code, error.message) from None

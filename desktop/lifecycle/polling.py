@@ -15,6 +15,8 @@ from server.framing import ServerState, ServerStatus
 
 #: Longest single control-plane request; a whole wake is bounded by connection_timeout.
 REQUEST_TIMEOUT = 15.0
+#: A poll needs at least this much of the deadline left to be worth sending.
+MIN_POLL_BUDGET = 0.25
 
 
 class TransientLifecycleError(LifecycleError):
@@ -51,30 +53,32 @@ def wait_until_running(
     deadline = began + timeout
     status: ServerStatus | None = first
     last_seen = describe_status(first)
+    last_problem = ""
     while True:
         if status is not None:
             on_progress(status, clock() - began)
             if status.state is ServerState.RUNNING and status.public_ip:
                 return Endpoint(status.public_ip, status.port)
         remaining = deadline - clock()
-        if remaining <= 0:
-            raise LifecycleError(
-                "timeout",
-                f"the server was not ready within {timeout:g} s (last seen: {last_seen}); "
-                "raise connection_timeout or check the ECS service",
-            )
-        if cancel.wait(min(interval, remaining)):
+        if remaining > 0 and cancel.wait(min(interval, remaining)):
             raise WakeCancelled()
         remaining = deadline - clock()
-        if remaining <= 0:
-            status = None
-            continue
+        if cancel.is_set():
+            raise WakeCancelled()
+        if remaining < MIN_POLL_BUDGET:
+            problem = f"; last poll: {last_problem}" if last_problem else ""
+            raise LifecycleError(
+                "timeout",
+                f"the server was not ready within {timeout:g} s (last seen: {last_seen}{problem}); "
+                "raise connection_timeout or check the ECS service",
+            )
         try:
             status = fetch_status(min(REQUEST_TIMEOUT, remaining))
         except TransientLifecycleError as error:
             status = None
-            last_seen = error.message
+            last_problem = error.message
         else:
             last_seen = describe_status(status)
+            last_problem = ""
         if cancel.is_set():
             raise WakeCancelled()
