@@ -65,7 +65,7 @@ class DeployError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# AWS session
+# AWS access
 # ---------------------------------------------------------------------------------------------
 
 
@@ -89,7 +89,7 @@ def resolve_region(explicit: str | None, env: Mapping[str, str], profile_region:
     return None
 
 
-def open_session(profile: str | None, region: str | None, env: Mapping[str, str] | None = None) -> Aws:
+def open_aws(profile: str | None, region: str | None, env: Mapping[str, str] | None = None) -> Aws:
     environment = os.environ if env is None else env
     try:
         session = boto3.Session(profile_name=profile or environment.get("AWS_PROFILE") or None)
@@ -471,7 +471,7 @@ def stack_owns_resource(cfn: Client, stack: Mapping[str, Any] | None, logical_id
 
 
 def create_repository_flag(cfn: Client, ecr: Client, service_name: str, out: TextIO) -> str:
-    """ "false" when a repository retained by an earlier ``destroy`` exists, so its images are reused."""
+    """Return "false" when a repository kept by an earlier ``destroy`` exists, so its images are reused."""
     existing = describe_stack(cfn, FARGATE_STACK)
     if stack_owns_resource(cfn, existing, "Repository"):
         return "true"
@@ -520,7 +520,8 @@ def deploy(aws: Aws, options: DeployOptions, out: TextIO, waiting: Waiting) -> d
     control = deploy_stack(cfn, LAMBDA_STACK, template_body("lambdas"), lambda_values, out, waiting)
     outputs = {FARGATE_STACK: fargate, LAMBDA_STACK: control}
     print_outputs(outputs, out)
-    for warning in readiness_warnings(aws, fargate, options.image_tag or "latest"):
+    image_tag = stack_parameter_values(describe_stack(cfn, FARGATE_STACK)).get("ImageTag") or "latest"
+    for warning in readiness_warnings(aws, fargate, image_tag):
         emit(out, f"Note: {warning}")
     return outputs
 
@@ -750,7 +751,7 @@ def confirm(question: str, stdin: TextIO) -> bool:
 
 
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
-    aws = open_session(args.profile, args.region)
+    aws = open_aws(args.profile, args.region)
     waiting = Waiting(poll_seconds=max(args.poll_interval, 0.0))
     if args.command == "deploy":
         options = DeployOptions(

@@ -41,8 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ServerConfig) -> int:
+    from server.container_secrets import SecretError, write_pem_secrets
     from server.tunnel_server import TunnelServer
 
+    try:
+        written = write_pem_secrets(config)
+    except (SecretError, OSError) as exc:
+        log.error("cannot write certificates from secrets: %s", exc)
+        print(f"fluidity-server: {exc}", file=sys.stderr)
+        return 2
+    if written:
+        log.info("certificates written from secrets", extra={"files": [str(path) for path in written]})
     try:
         server = TunnelServer(config)
     except TlsSetupError as exc:

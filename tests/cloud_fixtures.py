@@ -9,7 +9,7 @@ is patched. moto's gaps are filled by seeding what AWS would create on its own:
 - a task's network interface has no public IP in moto, so an Elastic IP is associated;
 - ``run_task`` needs container-level memory and a VPC with DNS hostnames.
 
-Use it from a test module with ``pytest_plugins = ["cloud_fixtures"]`` (fixtures ``moto_server``,
+tests/conftest.py makes its fixtures available everywhere (fixtures ``moto_server``,
 ``cloud``, ``aws_env``); import its classes under ``TYPE_CHECKING`` so pytest loads it first.
 """
 

@@ -23,7 +23,7 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import pytest
-from cloud_fixtures import REGION, MotoEndpoint, moto_server  # noqa: F401  (moto_server is a fixture)
+from cloud_fixtures import REGION, MotoEndpoint
 
 from lambdas import deploy as fd
 from lambdas.packaging import DEPLOY_TOOLING, FIXED_ZIP_TIME, PackagingError, build_bundle
@@ -82,7 +82,7 @@ def stack_outputs(name: str, region: str = REGION) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def aws(moto_server: MotoEndpoint) -> Iterator[MotoEndpoint]:  # noqa: F811
+def aws(moto_server: MotoEndpoint) -> Iterator[MotoEndpoint]:
     """This process's AWS settings point at a freshly reset moto server."""
     moto_server.reset()
     with pytest.MonkeyPatch.context() as patch:
@@ -91,6 +91,7 @@ def aws(moto_server: MotoEndpoint) -> Iterator[MotoEndpoint]:  # noqa: F811
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
             patch.delenv(name, raising=False)
         yield moto_server
+    moto_server.reset()  # moto's state is per process: leave nothing for the next module
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from server.framing import (
 if TYPE_CHECKING:
     from cloud_fixtures import FluidityCloud, MotoEndpoint
 
-pytest_plugins = ["cloud_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

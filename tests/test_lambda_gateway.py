@@ -19,7 +19,6 @@ from server.framing import ControlPlaneError, ServerState, ServerStatus, parse_c
 if TYPE_CHECKING:
     from cloud_fixtures import FluidityCloud, MotoEndpoint
 
-pytest_plugins = ["cloud_fixtures"]
 
 API_KEY = "k3y-0f-40-characters-like-api-gateway-ok"
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,6 @@ from server.framing import ServerState, ServerStatus
 if TYPE_CHECKING:
     from cloud_fixtures import FluidityCloud, MotoEndpoint
 
-pytest_plugins = ["cloud_fixtures"]
 
 API_KEY = "test-api-key-0123456789"
 LOOPBACK = "127.0.0.1"

@@ -21,7 +21,6 @@ from server.metrics import MetricsPublisher, MetricsSnapshot, publisher_from_con
 if TYPE_CHECKING:
     from cloud_fixtures import MotoEndpoint
 
-pytest_plugins = ["cloud_fixtures"]
 
 HANG_GUARD = 10.0
 

@@ -25,7 +25,6 @@ from server.metrics import MetricsPublisher, MetricsSnapshot
 if TYPE_CHECKING:
     from cloud_fixtures import FluidityCloud, MotoEndpoint
 
-pytest_plugins = ["cloud_fixtures"]
 
 API_KEY = "runbook-test-key-0123456789abcdefghijklm"
 BIN = Path(sys.executable).parent

@@ -59,11 +59,13 @@ class ServerProcess:
     port: int
     process: subprocess.Popen[bytes] | None = None
     lines: list[dict[str, object]] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     _reader: threading.Thread | None = None
 
     def start(self, timeout: float = 15.0) -> None:
         env = without_settings_env()
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.main", *self.args, "--listen-port", str(self.port)],
             stdin=subprocess.DEVNULL,
