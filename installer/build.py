@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_version(expected: str | None) -> None:
     if expected is not None and expected.removeprefix("v") != __version__:
-        raise BuildError(f"the tag {expected} does not match the package version {__version__} (server/__init__.py)")
+        raise BuildError(
+            f"the tag {expected} does not match the package version {__version__} (server/__init__.py)"
+        )
 
 
 def check_build_python(target: str, gui_stack: str) -> None:
@@ -151,7 +153,9 @@ def write_checksums(packages: list[Path], out_dir: Path, target: str) -> Path:
     return checksums
 
 
-def make_packages(target: str, gui_stack: str, bundle: Path, icons: Path, out_dir: Path, work: Path) -> list[Path]:
+def make_packages(
+    target: str, gui_stack: str, bundle: Path, icons: Path, out_dir: Path, work: Path
+) -> list[Path]:
     if target == "linux":
         from linux_packages import build_deb, build_tarball
 
@@ -204,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build.py: {error}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:
-        print(f"build.py: {Path(str(error.cmd[0])).name} failed with exit code {error.returncode}", file=sys.stderr)
+        print(
+            f"build.py: {Path(str(error.cmd[0])).name} failed with exit code {error.returncode}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -94,13 +94,17 @@ _SYSTEM_GUI_LIBRARY = re.compile(
 #: they are resolved at run time from its typelibs, so PyInstaller's hooks for them (which
 #: collect typelibs and libraries) are skipped.
 GI_NAMESPACES = (
-    "AppIndicator3", "Atk", "AyatanaAppIndicator3", "GLib", "GLibUnix", "GLibWin32", "GModule", "GObject",
-    "Gdk", "GdkPixbuf", "Gio", "GioUnix", "GioWin32", "Gtk", "HarfBuzz", "Pango", "cairo", "freetype2", "xlib",
+    "AppIndicator3", "Atk", "AyatanaAppIndicator3", "GLib", "GLibUnix", "GLibWin32", "GModule",
+    "GObject", "Gdk", "GdkPixbuf", "Gio", "GioUnix", "GioWin32", "Gtk", "HarfBuzz", "Pango", "cairo",
+    "freetype2", "xlib",
 )  # fmt: skip
+_WHEEL_COPY = re.compile(r"-[0-9a-f]{8}\.so")
 #: Top-level bundle folders PyInstaller's gi hooks fill with typelibs, GIO modules and GTK data.
 _GI_DATA_FOLDERS = frozenset({"gi_typelibs", "gio_modules", "share", "etc", "lib"})
 #: Runtime hooks that point GLib/GTK at those bundle folders.
-_GI_RUNTIME_HOOKS = frozenset({"pyi_rth_gi", "pyi_rth_gio", "pyi_rth_glib", "pyi_rth_gtk", "pyi_rth_gdkpixbuf"})
+_GI_RUNTIME_HOOKS = frozenset(
+    {"pyi_rth_gi", "pyi_rth_gio", "pyi_rth_glib", "pyi_rth_gtk", "pyi_rth_gdkpixbuf"}
+)
 
 Toc = list[tuple[str, str, str]]
 
@@ -138,7 +142,8 @@ def is_system_gui_library(dest: str) -> bool:
     parts = _parts(dest)
     if parts[0] in _GI_DATA_FOLDERS:
         return True
-    return len(parts) == 1 and bool(_SYSTEM_GUI_LIBRARY.match(parts[0]))
+    # Wheels' private copies carry a hash in their name (libXau-154567c4.so.6.0.0): keep those.
+    return len(parts) == 1 and bool(_SYSTEM_GUI_LIBRARY.match(parts[0])) and not _WHEEL_COPY.search(parts[0])
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,10 @@ class Target:
     @property
     def excluded_modules(self) -> list[str]:
         other_backends = [
-            module for target, modules in PYSTRAY_BACKENDS.items() if target != self.name for module in modules
+            module
+            for target, modules in PYSTRAY_BACKENDS.items()
+            if target != self.name
+            for module in modules
         ]
         excluded = [*EXCLUDED_MODULES, *other_backends]
         if self.gui_stack == "none":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundle_contents import APP_NAME, EXECUTABLE, PROGRAM_COMMANDS, SUMMARY
+
 from desktop.icons import SIZES, app_asset_name
 
 INSTALL_DIR = "/opt/fluidity"
@@ -271,7 +272,7 @@ def build_deb(
     system_gui: bool,
     maintainer: str = DEFAULT_MAINTAINER,
 ) -> Path:
-    """``fluidity_<version>_<arch>.deb`` built with ``dpkg-deb`` (root-owned files, gzip)."""
+    """``fluidity_<version>_<arch>.deb`` by ``dpkg-deb``: root-owned files, gzip (any dpkg reads it)."""
     if shutil.which("dpkg-deb") is None:
         raise PackagingError("dpkg-deb not found: the .deb can only be built on Debian or Ubuntu")
     architecture = deb_architecture()
@@ -290,7 +291,7 @@ def build_deb(
     out_dir.mkdir(parents=True, exist_ok=True)
     package = out_dir / f"{EXECUTABLE}_{version}_{architecture}.deb"
     subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(staging), str(package)],
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "-z6", "--build", str(staging), str(package)],
         check=True,
         stdout=subprocess.DEVNULL,
     )

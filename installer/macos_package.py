@@ -46,7 +46,9 @@ class ReleasePlan:
     notarizes: bool = False
 
 
-def keychain_commands(keychain: Path, keychain_password: str, p12: Path, p12_password: str) -> list[list[str]]:
+def keychain_commands(
+    keychain: Path, keychain_password: str, p12: Path, p12_password: str
+) -> list[list[str]]:
     """A throwaway keychain holding the certificate, searchable by codesign without a prompt."""
     return [
         ["security", "create-keychain", "-p", keychain_password, str(keychain)],
@@ -54,8 +56,14 @@ def keychain_commands(keychain: Path, keychain_password: str, p12: Path, p12_pas
         ["security", "unlock-keychain", "-p", keychain_password, str(keychain)],
         ["security", "import", str(p12), "-k", str(keychain), "-P", p12_password, "-T", "/usr/bin/codesign"],
         [
-            "security", "set-key-partition-list", "-S", "apple-tool:,apple:", "-s",
-            "-k", keychain_password, str(keychain),
+            "security",
+            "set-key-partition-list",
+            "-S",
+            "apple-tool:,apple:",
+            "-s",
+            "-k",
+            keychain_password,
+            str(keychain),
         ],  # fmt: skip
         ["security", "list-keychains", "-d", "user", "-s", str(keychain), "login.keychain"],
     ]
@@ -70,8 +78,18 @@ def plan_release(app: Path, dmg: Path, staging: Path, keychain: Path, env: Mappi
     if plan.signs:
         plan.commands.append(
             [
-                "codesign", "--force", "--deep", "--options", "runtime", "--timestamp",
-                "--entitlements", str(ENTITLEMENTS), *keychain_args, "--sign", identity, str(app),
+                "codesign",
+                "--force",
+                "--deep",
+                "--options",
+                "runtime",
+                "--timestamp",
+                "--entitlements",
+                str(ENTITLEMENTS),
+                *keychain_args,
+                "--sign",
+                identity,
+                str(app),
             ]  # fmt: skip
         )
         plan.commands.append(["codesign", "--verify", "--deep", "--strict", "--verbose=2", str(app)])
@@ -79,8 +97,16 @@ def plan_release(app: Path, dmg: Path, staging: Path, keychain: Path, env: Mappi
         plan.skipped.append(f"skipping signing: {' and '.join(SIGNING_SECRETS)} are not set")
     plan.commands.append(
         [
-            "hdiutil", "create", "-volname", APP_NAME, "-srcfolder", str(staging),
-            "-ov", "-format", "UDZO", str(dmg),
+            "hdiutil",
+            "create",
+            "-volname",
+            APP_NAME,
+            "-srcfolder",
+            str(staging),
+            "-ov",
+            "-format",
+            "UDZO",
+            str(dmg),
         ]  # fmt: skip
     )
     if plan.signs:
@@ -89,8 +115,17 @@ def plan_release(app: Path, dmg: Path, staging: Path, keychain: Path, env: Mappi
     if plan.notarizes:
         plan.commands.append(
             [
-                "xcrun", "notarytool", "submit", str(dmg), "--apple-id", env["APPLE_ID"],
-                "--team-id", env["APPLE_TEAM_ID"], "--password", env["APPLE_APP_PASSWORD"], "--wait",
+                "xcrun",
+                "notarytool",
+                "submit",
+                str(dmg),
+                "--apple-id",
+                env["APPLE_ID"],
+                "--team-id",
+                env["APPLE_TEAM_ID"],
+                "--password",
+                env["APPLE_APP_PASSWORD"],
+                "--wait",
             ]  # fmt: skip
         )
         plan.commands.append(["xcrun", "stapler", "staple", str(dmg)])
@@ -110,7 +145,19 @@ def _stage(app: Path, staging: Path) -> None:
     (staging / "Applications").symlink_to("/Applications")
 
 
-def build_dmg(app: Path, out_dir: Path, work: Path, version: str, env: Mapping[str, str] = os.environ) -> Path:
+def _import_certificate(env: Mapping[str, str], keychain: Path, work: Path) -> None:
+    p12 = work / "signing.p12"
+    p12.write_bytes(base64.b64decode(env["MACOS_CERT_P12"]))
+    try:
+        for command in keychain_commands(keychain, secrets.token_urlsafe(24), p12, env["MACOS_CERT_PASSWORD"]):
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    finally:
+        p12.unlink()
+
+
+def build_dmg(
+    app: Path, out_dir: Path, work: Path, version: str, env: Mapping[str, str] = os.environ
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     dmg = out_dir / dmg_file_name(version)
     staging = work / "dmg"
@@ -120,21 +167,13 @@ def build_dmg(app: Path, out_dir: Path, work: Path, version: str, env: Mapping[s
         print(reason, flush=True)
     # The copy that goes into the image is signed, so the bundle PyInstaller made stays as it was.
     _stage(app, staging)
-    if plan.signs:
-        p12 = work / "signing.p12"
-        p12.write_bytes(base64.b64decode(env["MACOS_CERT_P12"]))
-        try:
-            for command in keychain_commands(
-                keychain, secrets.token_urlsafe(24), p12, env["MACOS_CERT_PASSWORD"]
-            ):
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        finally:
-            p12.unlink()
     try:
+        if plan.signs:
+            _import_certificate(env, keychain, work)
         for command in plan.commands:
-            print(f"+ {command[0]} {command[1]}", flush=True)  # arguments may hold secrets
+            print(f"+ {command[0]} {command[1]}", flush=True)  # later arguments may hold secrets
             subprocess.run(command, check=True)
     finally:
-        if plan.signs:
+        if plan.signs and keychain.exists():
             subprocess.run(["security", "delete-keychain", str(keychain)], check=False)
     return dmg

@@ -113,7 +113,13 @@ def test_headless_programs_never_load_the_gui_stack() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=True
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=True,
     )
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
@@ -165,11 +171,11 @@ def test_trimmed_aws_data_still_makes_every_client_the_app_creates(tmp_path: Pat
         extra_search_paths=[str(tmp_path / "botocore" / "data")], include_default_search_paths=False
     )
     session.register_component("data_loader", loader)
-    credentials = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret"}
+    session.set_credentials("AKIDEXAMPLE", "secret")
     for service in sorted(bundle_contents.BOTOCORE_SERVICES):
-        session.create_client(service, region_name="eu-west-1", **credentials)
+        session.create_client(service, region_name="eu-west-1")
     with pytest.raises(botocore.exceptions.UnknownServiceError):
-        session.create_client("s3", region_name="eu-west-1", **credentials)
+        session.create_client("s3", region_name="eu-west-1")
 
 
 def test_every_aws_client_in_the_bundled_code_is_kept() -> None:
@@ -177,7 +183,9 @@ def test_every_aws_client_in_the_bundled_code_is_kept() -> None:
     used: set[str] = set()
     for folder in ("desktop", "server"):
         for path in (REPO / folder).rglob("*.py"):
-            used.update(re.findall(r"""\.client\(\s*["']([a-z0-9-]+)["']""", path.read_text(encoding="utf-8")))
+            used.update(
+                re.findall(r"""\.client\(\s*["']([a-z0-9-]+)["']""", path.read_text(encoding="utf-8"))
+            )
     assert used, "expected the ecs lifecycle and the metrics publisher to create clients"
     assert used <= bundle_contents.BOTOCORE_SERVICES
 
@@ -255,13 +263,17 @@ def test_missing_icons_are_rendered(tmp_path: Path) -> None:
 def test_desktop_entry_is_valid(tmp_path: Path) -> None:
     entry = tmp_path / "fluidity.desktop"
     entry.write_text(linux_packages.desktop_entry(), encoding="utf-8")
-    result = subprocess.run(["desktop-file-validate", str(entry)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["desktop-file-validate", str(entry)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout
 
 
 def test_maintainer_script_and_launchers_are_valid_sh(tmp_path: Path) -> None:
     scripts = {"postrm": linux_packages.POSTRM}
-    scripts.update({name: linux_packages.launcher_script(sub) for name, sub in bundle_contents.PROGRAM_COMMANDS.items()})
+    scripts.update(
+        {name: linux_packages.launcher_script(sub) for name, sub in bundle_contents.PROGRAM_COMMANDS.items()}
+    )
     for name, text in scripts.items():
         path = tmp_path / name
         path.write_text(text, encoding="utf-8")
@@ -374,7 +386,9 @@ def test_inno_setup_files_come_from_the_windows_bundle(inno: InnoScript, tmp_pat
     [files] = inno.entries["Files"]
     assert files["Source"] == f"{bundle}\\*" and "recursesubdirs" in files["Flags"]
     layout = {f"{bundle_contents.EXECUTABLE}.exe", console.name}
-    referenced = set(re.findall(r"\{app\}\\([\w.-]+)", windows_package.ISS_SCRIPT.read_text(encoding="utf-8")))
+    referenced = set(
+        re.findall(r"\{app\}\\([\w.-]+)", windows_package.ISS_SCRIPT.read_text(encoding="utf-8"))
+    )
     referenced = {name.replace("{#AppExe}", inno.defines["AppExe"]) for name in referenced}
     assert {inno.defines["AppExe"]} <= layout
     assert referenced <= layout | {"{#AppExe}"}
@@ -387,7 +401,10 @@ def test_inno_autostart_quoting_matches_list2cmdline() -> None:
     def add_quotes(text: str) -> str:
         return f'"{text}"' if " " in text and not text.startswith('"') else text
 
-    for exe in (r"C:\Users\ann\AppData\Local\Programs\Fluidity\fluidity.exe", r"C:\Users\Ann Lee\Fluidity\fluidity.exe"):
+    for exe in (
+        r"C:\Users\ann\AppData\Local\Programs\Fluidity\fluidity.exe",
+        r"C:\Users\Ann Lee\Fluidity\fluidity.exe",
+    ):
         assert f"{add_quotes(exe)} {autostart.BACKGROUND_FLAG}" == subprocess.list2cmdline(
             [exe, autostart.BACKGROUND_FLAG]
         )
@@ -421,7 +438,7 @@ def test_macos_signing_and_notarization_are_wired_to_the_secrets() -> None:
     full = _plan({**signing, **notary})
     assert full.notarizes and not full.skipped
     submit = next(c for c in full.commands if c[:3] == ["xcrun", "notarytool", "submit"])
-    assert ["--apple-id", "dev@example.com"] == submit[4:6] and "--wait" in submit
+    assert submit[4:6] == ["--apple-id", "dev@example.com"] and "--wait" in submit
     assert full.commands[-1] == ["xcrun", "stapler", "staple", "/tmp/out.dmg"]
 
 
@@ -516,6 +533,14 @@ def _user_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _agent_config(folder: Path, **settings: object) -> Path:
+    """An agent.yaml in ``folder`` using the certificates in ``folder/certs``."""
+    config = folder / "agent.yaml"
+    certs = {"ca_file": "certs/ca.crt", "cert_file": "certs/client.crt", "key_file": "certs/client.key"}
+    config.write_text(yaml.safe_dump({**certs, **settings}), encoding="utf-8")
+    return config
+
+
 class Started:
     """A built program running as a child, with its combined output collected in a file."""
 
@@ -574,11 +599,15 @@ def _port_open(port: int) -> bool:
 @pytest.mark.slow
 def test_built_program_answers_version(linux_build: LinuxBuild) -> None:
     started = time.monotonic()
-    out = subprocess.run([str(linux_build.executable), "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(linux_build.executable), "--version"], capture_output=True, text=True, timeout=60
+    )
     print(f"\n`fluidity --version` took {time.monotonic() - started:.2f} s")
     assert out.returncode == 0 and out.stdout == f"fluidity {__version__}\n"
     for sub, prog in (("agent", "fluidity-agent"), ("server", "fluidity-server")):
-        out = subprocess.run([str(linux_build.executable), sub, "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [str(linux_build.executable), sub, "--version"], capture_output=True, text=True, timeout=60
+        )
         assert out.stdout.strip() == f"{prog} {__version__}"
     out = subprocess.run([str(linux_build.executable), "nope"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown command 'nope'" in out.stderr
@@ -591,7 +620,9 @@ def test_bundle_fits_the_budget_and_leaves_gtk_to_the_desktop(linux_build: Linux
     assert size <= SIZE_BUDGET
     internal = linux_build.bundle / "_internal"
     assert list((internal / "gi").glob("_gi.*.so")), "PyGObject's module is bundled"
-    gui_libraries = [path.name for path in internal.iterdir() if bundle_contents.is_system_gui_library(path.name)]
+    gui_libraries = [
+        path.name for path in internal.iterdir() if bundle_contents.is_system_gui_library(path.name)
+    ]
     assert gui_libraries == []
     assert not (internal / "gi_typelibs").exists()
     services = {path.name for path in (internal / "botocore" / "data").iterdir() if path.is_dir()}
@@ -600,15 +631,12 @@ def test_bundle_fits_the_budget_and_leaves_gtk_to_the_desktop(linux_build: Linux
 
 
 @pytest.mark.slow
-def test_built_local_default_proxies_curl(linux_build: LinuxBuild, tmp_path: Path, started: list[Started]) -> None:
+def test_built_local_default_proxies_curl(
+    linux_build: LinuxBuild, tmp_path: Path, started: list[Started]
+) -> None:
     """``fluidity local``: the bundle starts itself as the server (``fluidity server``) and the proxy."""
     server_port, proxy_port = free_port(), free_port()
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        f"server_port: {server_port}\nlisten_port: {proxy_port}\n"
-        "ca_file: certs/ca.crt\ncert_file: certs/client.crt\nkey_file: certs/client.key\n",
-        encoding="utf-8",
-    )
+    config = _agent_config(tmp_path, server_port=server_port, listen_port=proxy_port)
     with OriginServer() as origin:
         local = Started(
             [str(linux_build.executable), "local", "--config", str(config)], _user_env(tmp_path / "home"),
@@ -627,25 +655,31 @@ def test_built_local_default_proxies_curl(linux_build: LinuxBuild, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_built_agent_with_built_server(linux_build: LinuxBuild, tmp_path: Path, started: list[Started]) -> None:
+def test_built_agent_with_built_server(
+    linux_build: LinuxBuild, tmp_path: Path, started: list[Started]
+) -> None:
     exe = str(linux_build.executable)
     env = _user_env(tmp_path / "home")
     certs = tmp_path / "certs"
-    made = subprocess.run([exe, "certs", "init", "--dir", str(certs)], env=env, capture_output=True, timeout=60)
+    made = subprocess.run(
+        [exe, "certs", "init", "--dir", str(certs)], env=env, capture_output=True, timeout=60
+    )
     assert made.returncode == 0, made.stderr
     server_port, proxy_port = free_port(), free_port()
     server = Started(
         [exe, "server", "--listen-address", "127.0.0.1", "--listen-port", str(server_port),
          "--allow-networks", "127.0.0.0/8", "--ca-file", str(certs / "ca.crt"),
-         "--cert-file", str(certs / "server.crt"), "--key-file", str(certs / "server.key"), "--no-emit-metrics"],
+         "--cert-file", str(certs / "server.crt"), "--key-file", str(certs / "server.key"),
+         "--no-emit-metrics"],
         env, tmp_path / "server.log",
     )  # fmt: skip
     started.append(server)
     wait_until(lambda: _port_open(server_port), START_TIMEOUT, "the built server listens")
     agent = Started(
-        [exe, "agent", "--lifecycle", "static", "--server-address", "127.0.0.1", "--server-port", str(server_port),
-         "--listen-port", str(proxy_port), "--ca-file", str(certs / "ca.crt"),
-         "--cert-file", str(certs / "client.crt"), "--key-file", str(certs / "client.key")],
+        [exe, "agent", "--lifecycle", "static", "--server-address", "127.0.0.1",
+         "--server-port", str(server_port), "--listen-port", str(proxy_port),
+         "--ca-file", str(certs / "ca.crt"), "--cert-file", str(certs / "client.crt"),
+         "--key-file", str(certs / "client.key")],
         env, tmp_path / "agent.log",
     )  # fmt: skip
     started.append(agent)
@@ -667,7 +701,9 @@ def test_tarball_unpacks_to_a_working_program(linux_build: LinuxBuild, tmp_path:
         assert executable.mode & 0o755 == 0o755 and executable.uname == "root"
         assert all(name == top or name.startswith(f"{top}/") for name in members)
         tar.extractall(tmp_path, filter="tar")
-    out = subprocess.run([str(tmp_path / top / "fluidity"), "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(tmp_path / top / "fluidity"), "--version"], capture_output=True, text=True, timeout=60
+    )
     assert out.stdout == f"fluidity {__version__}\n"
 
 
@@ -689,14 +725,18 @@ def _dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_deb_metadata(linux_build: LinuxBuild) -> None:
-    info = subprocess.run(["dpkg-deb", "--field", str(linux_build.deb)], capture_output=True, text=True, check=True)
+    info = subprocess.run(
+        ["dpkg-deb", "--field", str(linux_build.deb)], capture_output=True, text=True, check=True
+    )
     fields = dict(re.findall(r"^([\w-]+): (.*)$", info.stdout, re.M))
     assert fields["Package"] == "fluidity" and fields["Version"] == __version__
     depends = fields["Depends"]
     assert re.search(r"libc6 \(>= 2\.\d+\)", depends)
     for needed in ("gir1.2-gtk-3.0", "libgirepository-1.0-1", "gir1.2-ayatanaappindicator3-0.1 | "):
         assert needed in depends
-    listing = subprocess.run(["dpkg-deb", "-c", str(linux_build.deb)], capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(linux_build.deb)], capture_output=True, text=True, check=True
+    )
     paths = {line.split()[5].removeprefix(".") for line in listing.stdout.splitlines()}
     expected = {
         "/opt/fluidity/fluidity",
@@ -723,7 +763,9 @@ def test_deb_installs_and_purges_cleanly(linux_build: LinuxBuild, tmp_path: Path
     if shutil.which("desktop-file-validate"):
         valid = subprocess.run(["desktop-file-validate", str(desktop_file)], capture_output=True, text=True)
         assert valid.returncode == 0 and not valid.stdout.strip(), valid.stdout
-    out = subprocess.run([str(root / "opt" / "fluidity" / "fluidity"), "--version"], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(root / "opt" / "fluidity" / "fluidity"), "--version"], capture_output=True, text=True
+    )
     assert out.stdout == f"fluidity {__version__}\n"
     assert os.readlink(root / "usr" / "bin" / "fluidity") == "/opt/fluidity/fluidity"
     assert (root / "usr" / "bin" / "fluidity-agent").read_text() == linux_packages.launcher_script("agent")
@@ -733,7 +775,9 @@ def test_deb_installs_and_purges_cleanly(linux_build: LinuxBuild, tmp_path: Path
     purged = _dpkg(root, "--purge", "fluidity")
     assert purged.returncode == 0, purged.stderr
     left = sorted(
-        str(path.relative_to(root)) for path in root.rglob("*") if not path.is_relative_to(root / "var" / "lib" / "dpkg")
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if not path.is_relative_to(root / "var" / "lib" / "dpkg")
     )
     assert left == ["var", "var/lib"]
 
@@ -754,12 +798,15 @@ def test_built_tray_shows_its_icon_with_the_desktops_gtk(
     exe = str(linux_build.executable)
     env = _user_env(tmp_path / "home")
     certs = tmp_path / "certs"
-    subprocess.run([exe, "certs", "init", "--dir", str(certs)], env=env, capture_output=True, timeout=60, check=True)
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        f"lifecycle: static\nserver_address: 127.0.0.1\nserver_port: {free_port()}\nlisten_port: {free_port()}\n"
-        "ca_file: certs/ca.crt\ncert_file: certs/client.crt\nkey_file: certs/client.key\n",
-        encoding="utf-8",
+    subprocess.run(
+        [exe, "certs", "init", "--dir", str(certs)], env=env, capture_output=True, timeout=60, check=True
+    )
+    config = _agent_config(
+        tmp_path,
+        lifecycle="static",
+        server_address="127.0.0.1",
+        server_port=free_port(),
+        listen_port=free_port(),
     )
     with display_session() as session:
         empty = session.tray_area(tmp_path / "before.png")

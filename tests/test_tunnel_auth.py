@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def refused_reasons(server: ServerProcess) -> list[str]:
 # --------------------------------------------------------------------------- client certificates
 
 
+LeafMaker = Callable[[Pki, Path], tuple[Path, Path]]
+
+
 def _other_ca_leaf(pki: Pki, directory: Path) -> tuple[Path, Path]:
     return write_leaf(directory, "intruder", issue_leaf(generate_ca("Some Other CA"), "client", "intruder"))
 
@@ -110,11 +114,10 @@ def test_agent_with_a_bad_client_certificate_is_refused_with_a_reason(
     agent: RunningAgent,
     agent_factory: AgentFactory,
     http_origin: OriginServer,
-    make_leaf: object,
+    make_leaf: LeafMaker,
     agent_says: str,
     server_says: str,
 ) -> None:
-    assert callable(make_leaf)
     cert, key = make_leaf(pki, tmp_path)
     bad = agent_factory(tunnel_server.port, connected=False, cert_file=cert, key_file=key, request_wait=0.5)
     wait_until(lambda: bad.agent.stats().consecutive_failures >= 1, IO_TIMEOUT, "bad agent tried and failed")
