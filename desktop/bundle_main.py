@@ -1,7 +1,7 @@
 """Entry point of the installed (PyInstaller) app: one executable runs every Fluidity program.
 
-A frozen app carries its own interpreter and libraries; one executable per program would
-ship them five times. So ``fluidity`` alone runs the tray and ``fluidity agent|server|certs|local``
+The installers ship one executable (one file to sign, one Start menu or Dock target, one
+login item), so ``fluidity`` alone runs the tray and ``fluidity agent|server|certs|local``
 run the other programs (``desktop.launch`` builds these command lines). Each program's module
 is imported only once it is chosen, so ``fluidity server`` never loads pystray, Pillow or GTK:
 it starts fast and works on a machine without a display.
@@ -10,10 +10,11 @@ it starts fast and works on a machine without a display.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
-from desktop.launch import FROZEN_SUBCOMMANDS, PROGRAMS
+from desktop.launch import FROZEN_SUBCOMMANDS, PROGRAMS, is_frozen
 from server import __version__
 
 #: Subcommand -> module whose ``main(argv)`` runs it.
@@ -46,7 +47,24 @@ def resolve(argv: Sequence[str]) -> tuple[str, list[str]]:
     return DEFAULT_MODULE, args
 
 
+def restore_library_path(environ: MutableMapping[str, str]) -> None:
+    """Give programs started from the bundle (xdg-open, zenity, a browser) the user's own
+    LD_LIBRARY_PATH instead of the bundle's library folder.
+
+    PyInstaller's bootloader points LD_LIBRARY_PATH at the bundle (keeping any earlier value as
+    LD_LIBRARY_PATH_ORIG). The dynamic loader read it when this process started, so changing it
+    now only affects children; the bundle's own children get it set again by the bootloader.
+    """
+    original = environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        environ["LD_LIBRARY_PATH"] = original
+    else:
+        environ.pop("LD_LIBRARY_PATH", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if is_frozen():
+        restore_library_path(os.environ)
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--version"]:
         print(f"fluidity {__version__}")

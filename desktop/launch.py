@@ -7,7 +7,9 @@ lifecycle backend both need the right command line for the current installation.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 #: Program name -> module whose ``main()`` runs it.
 PROGRAMS = {
@@ -32,11 +34,27 @@ def is_frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
+#: On Windows the bundle has a windowed tray executable and a console one for the CLIs.
+WINDOWED_EXE = "fluidity.exe"
+CONSOLE_EXE = "fluidity-cli.exe"
+
+
+def bundle_executable(*, console: bool) -> str:
+    """The bundle's executable: the tray (and login item) must never open a console window."""
+    exe = Path(sys.executable)
+    if os.name != "nt":
+        return str(exe)
+    wanted = exe.with_name(CONSOLE_EXE if console else WINDOWED_EXE)
+    return str(wanted) if wanted.is_file() else str(exe)
+
+
 def command_for(program: str) -> list[str]:
     """The argv prefix that runs ``program`` in this installation."""
     if program not in PROGRAMS:
         raise ValueError(f"unknown program {program!r}")
     if is_frozen():
         sub = FROZEN_SUBCOMMANDS[program]
-        return [sys.executable] if sub is None else [sys.executable, sub]
+        if sub is None:
+            return [bundle_executable(console=False)]
+        return [bundle_executable(console=True), sub]
     return [sys.executable, "-m", PROGRAMS[program]]

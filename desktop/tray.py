@@ -134,11 +134,35 @@ def backend_problem(backend_module: str, environ: Mapping[str, str] = os.environ
     return None
 
 
+def _forget_pystray() -> None:
+    for name in [n for n in sys.modules if n == "pystray" or n.startswith("pystray.")]:
+        del sys.modules[name]
+
+
+def _import_pystray() -> ModuleType:
+    """Import pystray; if its automatic pick fails (e.g. GTK present but no AppIndicator
+    typelib raises ValueError instead of falling back), try the plain GTK backend."""
+    try:
+        import pystray
+    except Exception as first:  # Xlib.error.DisplayNameError / ValueError are not ImportErrors
+        if os.environ.get("PYSTRAY_BACKEND") or not sys.platform.startswith("linux"):
+            raise
+        _forget_pystray()
+        os.environ["PYSTRAY_BACKEND"] = "gtk"
+        try:
+            import pystray
+        except Exception:
+            del os.environ["PYSTRAY_BACKEND"]
+            _forget_pystray()
+            raise first from None
+    return pystray
+
+
 def load_pystray() -> ModuleType:
     """Import pystray, turning its import-time display errors and unusable backends into TrayUnavailable."""
     try:
-        import pystray
-    except Exception as error:  # Xlib.error.DisplayNameError is not an ImportError
+        pystray = _import_pystray()
+    except Exception as error:
         raise TrayUnavailable(f"no system tray backend could start: {error}") from None
     problem = backend_problem(pystray.Icon.__module__)
     if problem is not None:

@@ -6,7 +6,7 @@ program), checks that the result runs, and packages it:
 
 - linux:   ``fluidity-<v>-linux-<machine>.tar.gz`` and ``fluidity_<v>_<arch>.deb``
 - windows: ``Fluidity-<v>-windows-setup.exe`` (Inno Setup 6 must be installed)
-- macos:   ``Fluidity-<v>-macos.dmg`` (signed and notarized when the CI secrets are set)
+- macos:   ``Fluidity-<v>-macos-<cpu>.dmg`` (signed and notarized when the CI secrets are set)
 
 Output: ``<out>/bundle`` (what PyInstaller made) and ``<out>/packages`` (what users download,
 with a SHA256SUMS file). PyInstaller's work files and cache stay under ``--work``.
@@ -30,7 +30,7 @@ for _path in (str(INSTALLER_DIR), str(ROOT)):
 
 from bundle_contents import APP_NAME, CONSOLE_EXECUTABLE, EXECUTABLE, GUI_STACKS, TARGETS  # noqa: E402
 from icon_files import prepare_icons  # noqa: E402
-from linux_packages import PackagingError  # noqa: E402
+from linux_packages import DEFAULT_MAINTAINER, PackagingError  # noqa: E402
 
 from server import __version__  # noqa: E402
 
@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--work", type=Path, default=None, help="PyInstaller work and cache folder (default: build/installer)"
     )
     parser.add_argument("--bundle-only", action="store_true", help="stop after the one-folder bundle")
+    parser.add_argument(
+        "--maintainer",
+        default=DEFAULT_MAINTAINER,
+        help="Linux: the .deb's Maintainer field, as 'Name <email>'",
+    )
     parser.add_argument(
         "--expect-version",
         metavar="TAG",
@@ -154,16 +159,17 @@ def write_checksums(packages: list[Path], out_dir: Path, target: str) -> Path:
 
 
 def make_packages(
-    target: str, gui_stack: str, bundle: Path, icons: Path, out_dir: Path, work: Path
+    args: argparse.Namespace, bundle: Path, icons: Path, out_dir: Path, work: Path
 ) -> list[Path]:
-    if target == "linux":
+    if args.target == "linux":
         from linux_packages import build_deb, build_tarball
 
-        return [
-            build_tarball(bundle, out_dir, __version__),
-            build_deb(bundle, icons, out_dir, work, __version__, system_gui=gui_stack == "system"),
-        ]
-    if target == "windows":
+        system_gui = args.gui_stack == "system"
+        deb = build_deb(
+            bundle, icons, out_dir, work, __version__, system_gui=system_gui, maintainer=args.maintainer
+        )
+        return [build_tarball(bundle, out_dir, __version__), deb]
+    if args.target == "windows":
         from windows_package import build_installer
 
         return [build_installer(bundle, icons / "fluidity.ico", out_dir, __version__)]
@@ -193,7 +199,7 @@ def build(args: argparse.Namespace) -> list[Path]:
     if args.bundle_only:
         return []
     packages_dir = out / "packages"
-    packages = make_packages(args.target, args.gui_stack, bundle, icons, packages_dir, work)
+    packages = make_packages(args, bundle, icons, packages_dir, work)
     checksums = write_checksums(packages, packages_dir, args.target)
     for package in [*packages, checksums]:
         print(f"package: {package} ({package.stat().st_size / 1e6:.1f} MB)", flush=True)

@@ -13,20 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from desktop.autostart import LAUNCH_AGENT_LABEL
+from desktop.launch import FROZEN_SUBCOMMANDS, PROGRAMS
+
 APP_NAME = "Fluidity"
 #: The executable and the folder PyInstaller writes; also the Linux package name.
 EXECUTABLE = "fluidity"
 #: Windows only: the same program with a console, for ``fluidity-cli agent ...`` in a terminal.
 CONSOLE_EXECUTABLE = "fluidity-cli"
-#: macOS bundle identifier; the same string ``desktop.autostart`` uses as LaunchAgent label.
-BUNDLE_ID = "io.fluidity.tray"
+#: macOS bundle identifier: the label of the LaunchAgent that "Start at login" writes.
+BUNDLE_ID = LAUNCH_AGENT_LABEL
 #: Shell command -> bundle subcommand, for the Linux launchers on PATH.
-PROGRAM_COMMANDS = {
-    "fluidity-agent": "agent",
-    "fluidity-server": "server",
-    "fluidity-certs": "certs",
-    "fluidity-local": "local",
-}
+PROGRAM_COMMANDS = {program: sub for program, sub in FROZEN_SUBCOMMANDS.items() if sub is not None}
 SUMMARY = "Personal on-demand tunnel: tray app and local proxy over mutual TLS"
 TARGETS = ("linux", "windows", "macos")
 #: Bundle folder of the PNGs (``desktop.icons.asset_dir`` looks for ``<bundle>/assets``).
@@ -47,7 +45,7 @@ BOTOCORE_DOC_FILES = frozenset({"examples-1.json"})
 
 #: Never needed at run time: test and build tooling, the operator-only deploy tool and the
 #: Lambda code (operators run those from a pip install), and Pillow codecs for formats the
-#: icons do not use (AVIF, WebP, colour management, fonts: about 9 MB of libraries).
+#: icons do not use (AVIF, WebP, colour management, fonts: about 10 MB of libraries).
 EXCLUDED_MODULES = (
     "pytest",
     "_pytest",
@@ -161,10 +159,8 @@ class Target:
 
     @property
     def hidden_imports(self) -> list[str]:
-        from desktop.launch import PROGRAMS
-
         # desktop.bundle_main imports each program by name, which static analysis cannot follow.
-        return ["desktop.bundle_main", *PROGRAMS.values(), *PYSTRAY_BACKENDS[self.name], *self.gi_overrides]
+        return [*PROGRAMS.values(), *PYSTRAY_BACKENDS[self.name], *self.gi_overrides]
 
     @property
     def excluded_modules(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import platform
 import secrets
 import shutil
 import subprocess
@@ -28,8 +29,9 @@ DEFAULT_IDENTITY = "Developer ID Application"
 ENTITLEMENTS = Path(__file__).resolve().parent / "macos" / "entitlements.plist"
 
 
-def dmg_file_name(version: str) -> str:
-    return f"{APP_NAME}-{version}-macos.dmg"
+def dmg_file_name(version: str, machine: str | None = None) -> str:
+    """``Fluidity-<version>-macos-<arm64|x86_64>.dmg``: PyInstaller builds for the build Mac's CPU."""
+    return f"{APP_NAME}-{version}-macos-{machine or platform.machine()}.dmg"
 
 
 def _present(env: Mapping[str, str], names: tuple[str, ...]) -> bool:
@@ -149,7 +151,9 @@ def _import_certificate(env: Mapping[str, str], keychain: Path, work: Path) -> N
     p12 = work / "signing.p12"
     p12.write_bytes(base64.b64decode(env["MACOS_CERT_P12"]))
     try:
-        for command in keychain_commands(keychain, secrets.token_urlsafe(24), p12, env["MACOS_CERT_PASSWORD"]):
+        for command in keychain_commands(
+            keychain, secrets.token_urlsafe(24), p12, env["MACOS_CERT_PASSWORD"]
+        ):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     finally:
         p12.unlink()

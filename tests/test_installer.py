@@ -99,6 +99,19 @@ def test_help_tray_shows_the_tray_options(capsys: pytest.CaptureFixture[str]) ->
     assert "--background" in capsys.readouterr().out
 
 
+def test_children_of_the_bundle_get_the_users_library_path() -> None:
+    with_earlier = {
+        "LD_LIBRARY_PATH": "/opt/app/_internal",
+        "LD_LIBRARY_PATH_ORIG": "/usr/local/lib",
+        "X": "1",
+    }
+    bundle_main.restore_library_path(with_earlier)
+    assert with_earlier == {"LD_LIBRARY_PATH": "/usr/local/lib", "X": "1"}
+    without = {"LD_LIBRARY_PATH": "/opt/app/_internal", "X": "1"}
+    bundle_main.restore_library_path(without)
+    assert without == {"X": "1"}
+
+
 def test_headless_programs_never_load_the_gui_stack() -> None:
     """``fluidity server``/``agent`` must start fast and work without a display."""
     probe = (
@@ -293,6 +306,7 @@ class InnoScript:
     setup: dict[str, str]
     entries: dict[str, list[dict[str, str]]]
     code: str
+    text: str
 
 
 def _split_entry(line: str) -> dict[str, str]:
@@ -343,7 +357,7 @@ def parse_inno(text: str, passed: dict[str, str]) -> InnoScript:
             setup[key.strip()] = value.strip()
         else:
             entries.setdefault(section, []).append(_split_entry(line))
-    return InnoScript(defines, required, setup, entries, "\n".join(code_lines))
+    return InnoScript(defines, required, setup, entries, "\n".join(code_lines), expanded)
 
 
 @pytest.fixture(name="inno")
@@ -385,14 +399,9 @@ def test_inno_setup_files_come_from_the_windows_bundle(inno: InnoScript, tmp_pat
     bundle, console = build_script.bundle_paths("windows", tmp_path / "bundle")
     [files] = inno.entries["Files"]
     assert files["Source"] == f"{bundle}\\*" and "recursesubdirs" in files["Flags"]
-    layout = {f"{bundle_contents.EXECUTABLE}.exe", console.name}
-    referenced = set(
-        re.findall(r"\{app\}\\([\w.-]+)", windows_package.ISS_SCRIPT.read_text(encoding="utf-8"))
-    )
-    referenced = {name.replace("{#AppExe}", inno.defines["AppExe"]) for name in referenced}
-    assert {inno.defines["AppExe"]} <= layout
-    assert referenced <= layout | {"{#AppExe}"}
-    assert inno.setup["UninstallDisplayIcon"] == f"{{app}}\\{bundle_contents.EXECUTABLE}.exe"
+    referenced = set(re.findall(r"\{app\}\\([\w.-]+)", inno.text))
+    assert referenced == {f"{bundle_contents.EXECUTABLE}.exe"}
+    assert console.name == f"{bundle_contents.CONSOLE_EXECUTABLE}.exe"
 
 
 def test_inno_autostart_quoting_matches_list2cmdline() -> None:

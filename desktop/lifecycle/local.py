@@ -121,6 +121,7 @@ class LocalLifecycle:
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=os.name != "nt",  # Ctrl+C in a terminal goes to us; we stop it in order
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console window under the tray
         )
         self._process = process
         threading.Thread(target=self._pump_log, args=(process,), name="local-server-log", daemon=True).start()
