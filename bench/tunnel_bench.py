@@ -15,8 +15,8 @@ It prints ``metric | direct | fluidity | ratio`` and writes the numbers as JSON.
 here asserts on timings: it measures. The numbers are the CPU cost of the whole chain on one
 machine (client, agent, server and origin share the cores), not the speed of a network.
 
-    python bench/tunnel_bench.py                # full: a few minutes
-    python bench/tunnel_bench.py --quick        # about a minute
+    python bench/tunnel_bench.py                # full: one to two minutes
+    python bench/tunnel_bench.py --quick        # under a minute
     python bench/tunnel_bench.py --smoke        # seconds; proves the script works
 """
 
@@ -269,13 +269,13 @@ def start_nginx(binary: str, work: Path, docroot: Path, cert: Path, key: Path) -
         "             ssl_protocols TLSv1.3; ssl_session_tickets off; ssl_session_cache off; }\n"
         "}\n"
     )
-    log_file = open(work / "nginx.log", "wb")  # noqa: SIM115 - owned by the child for its lifetime
-    process = subprocess.Popen(
-        [binary, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
+    with open(work / "nginx.log", "wb") as log_file:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [binary, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     origin = Origin("nginx", http_port, https_port, process)
     for port in (http_port, https_port):
         wait_port(port, [process], 10.0, work / "nginx.log")
@@ -283,22 +283,21 @@ def start_nginx(binary: str, work: Path, docroot: Path, cert: Path, key: Path) -
 
 
 def start_python_origin(work: Path, docroot: Path, cert: Path, key: Path) -> Origin:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--origin-process",
-            str(docroot),
-            str(cert),
-            str(key),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=open(work / "origin.log", "wb"),  # noqa: SIM115 - owned by the child
-        cwd=REPO,
-    )
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--origin-process",
+        str(docroot),
+        str(cert),
+        str(key),
+    ]
+    with open(work / "origin.log", "wb") as log_file:  # the child keeps its own copy
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, cwd=REPO
+        )
     assert process.stdout is not None
-    line = process.stdout.readline().decode()
+    with process.stdout:  # it prints one line: the two ports
+        line = process.stdout.readline().decode()
     match = re.fullmatch(r"ports (\d+) (\d+)\s*", line)
     if match is None:
         stop_process(process)
@@ -394,14 +393,15 @@ class FluidityStack:
 
     @staticmethod
     def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=open(log_path, "wb"),  # noqa: SIM115 - owned by the child
-            stderr=subprocess.STDOUT,
-        )
+        with open(log_path, "wb") as log_file:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop(self) -> None:
         for process in (self.agent, self.server):

@@ -57,7 +57,8 @@ def test_fluidity_local_runs_serves_and_stops_cleanly(tmp_path: Path, hello_orig
         assert (cert_dir / "client.key").stat().st_mode & 0o777 == 0o600
 
         result = subprocess.run(
-            ["curl", "-sS", "--max-time", "10", "-x", f"http://127.0.0.1:{proxy_port}", f"{hello_origin}/local"],
+            ["curl", "-sS", "--max-time", "10", "-x", f"http://127.0.0.1:{proxy_port}",
+             f"{hello_origin}/local"],
             capture_output=True, env=clean_env(), timeout=20, check=False,
         )  # fmt: skip
         assert result.stdout == b"hello /local", result.stderr

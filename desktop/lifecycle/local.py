@@ -66,7 +66,9 @@ class LocalLifecycle:
         try:
             created = ensure_certificates(cert_dir)
         except CertificateError as exc:
-            raise LifecycleError("certificates", f"cannot prepare certificates in {cert_dir}: {exc}") from None
+            raise LifecycleError(
+                "certificates", f"cannot prepare certificates in {cert_dir}: {exc}"
+            ) from None
         if created:
             log.info("created certificates", extra={"dir": str(cert_dir)})
 
