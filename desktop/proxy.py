@@ -49,6 +49,7 @@ from desktop.http_head import (
     response_keeps_alive,
 )
 from server.relay import relay
+from server.worker_pool import WorkerPool
 
 LOGGER_NAME = "fluidity.proxy"
 #: Block size for relaying bodies and tunnels: large enough that Python overhead per block is noise.
@@ -713,7 +714,8 @@ class LocalProxy:
         self._listener: socket.socket | None = None
         self._waker: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
-        self._connections: dict[_ClientConnection, threading.Thread] = {}
+        self._connections: dict[_ClientConnection, threading.Event] = {}
+        self._workers = WorkerPool("proxy")
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -776,8 +778,8 @@ class LocalProxy:
             connections = dict(self._connections)
         for connection in connections:
             connection.close()
-        for thread in connections.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for done in connections.values():
+            done.wait(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(OSError):
             self._listener.close()
         if self._waker is not None:
@@ -822,19 +824,18 @@ class LocalProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = f"{address[0]}:{address[1]}"
         connection = _ClientConnection(sock, peer, self._dialer, self._settings, self._log)
-        thread = threading.Thread(
-            target=self._run_connection, args=(connection,), name=f"proxy-{peer}", daemon=True
-        )
+        done = threading.Event()
         with self._lock:
             if self._stopping.is_set():
                 connection.close()
                 return
-            self._connections[connection] = thread
-        thread.start()
+            self._connections[connection] = done
+        self._workers.submit(self._run_connection, connection, done)
 
-    def _run_connection(self, connection: _ClientConnection) -> None:
+    def _run_connection(self, connection: _ClientConnection, done: threading.Event) -> None:
         try:
             connection.run()
         finally:
             with self._lock:
                 self._connections.pop(connection, None)
+            done.set()

@@ -23,7 +23,7 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_PAYLOAD = 64 * 1024
-DEFAULT_INITIAL_WINDOW = 256 * 1024
+DEFAULT_INITIAL_WINDOW = 1024 * 1024
 #: Hard ceiling for any negotiated payload size, so a hostile peer cannot make us allocate gigabytes.
 MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
 MIN_PAYLOAD_LIMIT = 1024

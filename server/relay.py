@@ -11,8 +11,11 @@ import socket
 import threading
 
 from server.stream_api import ByteStream, StreamClosedError
+from server.worker_pool import WorkerPool
 
 CHUNK = 256 * 1024
+#: Threads for the socket-to-stream direction, shared by every relay in the process.
+_UPSTREAM_WORKERS = WorkerPool("relay-up")
 
 
 def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chunk: int = CHUNK) -> bool:
@@ -22,6 +25,7 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
     a client pipelined after its CONNECT). The caller still owns and closes both ends.
     """
     failed = threading.Event()
+    upstream_done = threading.Event()
 
     def upstream() -> None:
         try:
@@ -37,6 +41,8 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
                 stream.sendall(view[:n])
         except (OSError, StreamClosedError):
             _fail()
+        finally:
+            upstream_done.set()
 
     def _fail() -> None:
         if failed.is_set():
@@ -50,8 +56,7 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
             pass
         stream.close()
 
-    thread = threading.Thread(target=upstream, name="relay-up", daemon=True)
-    thread.start()
+    _UPSTREAM_WORKERS.submit(upstream)
     socket_refused_data = False
     try:
         while True:
@@ -72,7 +77,7 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
                 break
     except (OSError, StreamClosedError):
         _fail()
-    thread.join()
+    upstream_done.wait()
     if socket_refused_data:
         _fail()
     return not failed.is_set()

@@ -42,6 +42,10 @@ from server.tls import TlsChannel, TlsError
 
 #: Largest slice handed to one TLS write, so a send timeout means "no progress", not "slow link".
 WRITE_SLICE = 256 * 1024
+#: Up to this many open streams, a stream's thread sends its own output (no writer hop).
+WRITE_THROUGH_MAX_STREAMS = 4
+#: ... and with more streams, only bulk output of at least this size is sent by its own thread.
+WRITE_THROUGH_MIN_BYTES = 64 * 1024
 
 OpenRequestHandler = Callable[["TunnelLink", StreamOpenRequested], None]
 ClosedHandler = Callable[["TunnelLink", str], None]
@@ -100,9 +104,10 @@ class LinkStream:
                 data = b"".join(parts)
             self._buffered -= len(data)
             link._conn.acknowledge(self.stream_id, len(data))
-            if link._conn.pending_output:
-                link._writer_cond.notify()
-            return data
+            flush = link._conn.pending_output > 0
+        if flush:
+            link._flush_from_caller()
+        return data
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -129,16 +134,17 @@ class LinkStream:
                     self._cond.wait()
                 offset += conn.send_data(self.stream_id, view[offset : offset + credit])
                 link.last_activity = time.time()
-                link._writer_cond.notify()
+            link._flush_from_caller()
 
     def shutdown_write(self) -> None:
         with self._cond:
             if self._local_fin or self._closed or self._error is not None:
                 return
             self._local_fin = True
-            if self.link._conn.is_open(self.stream_id):
-                self.link._conn.end_stream(self.stream_id)
-                self.link._writer_cond.notify()
+            if not self.link._conn.is_open(self.stream_id):
+                return
+            self.link._conn.end_stream(self.stream_id)
+        self.link._flush_from_caller()
 
     def close(self) -> None:
         self.link._release_stream(self, FailReason.CANCELLED, "closed by the application")
@@ -180,6 +186,9 @@ class TunnelLink:
         self._writer_cond = threading.Condition(self._lock)
         self._state_cond = threading.Condition(self._lock)
         self._streams: dict[int, LinkStream] = {}
+        # Held by whoever moves queued output to the TLS channel (the writer thread or a stream
+        # thread writing through), so output leaves in the order it was queued.
+        self._flush_lock = threading.Lock()
         self._closing: str | None = None  # graceful close requested: flush, then close
         self._closed_reason: str | None = None
         self._closed_event = threading.Event()
@@ -267,7 +276,8 @@ class TunnelLink:
                 raise DialError("internal", str(exc)) from None
             stream = LinkStream(self, sid, host, port)
             self._streams[sid] = stream
-            self._writer_cond.notify()
+        self._flush_from_caller()
+        with self._lock:
             while not stream._opened:
                 if stream._open_failure is not None:
                     raise stream._open_failure
@@ -292,8 +302,8 @@ class TunnelLink:
             stream = LinkStream(self, request.stream_id, request.host, request.port)
             stream._opened = True
             self._streams[request.stream_id] = stream
-            self._writer_cond.notify()
-            return stream
+        self._flush_from_caller()
+        return stream
 
     def reject_stream(self, request: StreamOpenRequested, reason: FailReason, message: str) -> None:
         with self._lock:
@@ -439,13 +449,15 @@ class TunnelLink:
                             next_ping = now + (interval or 0)
                             break
                         self._writer_cond.wait(next_ping - now)
-                    data = self._conn.data_to_send()
-                    closing = self._closing
                     if self._closed_reason is not None:
                         return
-                view = memoryview(data)
-                for start in range(0, len(view), WRITE_SLICE):
-                    self.channel.sendall(view[start : start + WRITE_SLICE])
+                with self._flush_lock:
+                    with self._lock:
+                        data = self._conn.data_to_send()
+                        closing = self._closing
+                        if self._closed_reason is not None:
+                            return
+                    self._send(data)
                 if closing is not None:
                     reason = closing
                     break
@@ -456,6 +468,51 @@ class TunnelLink:
         except OSError as exc:
             reason = f"connection lost: {exc.strerror or exc}"
         self._finish(reason, graceful=(reason == self._closing))
+
+    def _send(self, data: bytearray) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_SLICE):
+            self.channel.sendall(view[start : start + WRITE_SLICE])
+
+    def _flush_from_caller(self) -> None:
+        """Send queued output on the calling (stream) thread unless someone is already sending.
+
+        Saves a wake-up of the writer thread per message. Never called by the reader: a reader
+        blocked in send could deadlock with a peer doing the same.
+        """
+        small = self._conn.pending_output < WRITE_THROUGH_MIN_BYTES
+        if (small and len(self._streams) > WRITE_THROUGH_MAX_STREAMS) or not self._flush_lock.acquire(
+            blocking=False
+        ):
+            # Small messages on a busy link: the writer's batching saves more than the handoff
+            # costs. Or someone is sending and may already have taken its batch: wake the writer.
+            with self._lock:
+                self._writer_cond.notify()
+            return
+        reason = None
+        try:
+            for _ in range(2):  # bounded: a busy link must not keep one stream's thread here
+                with self._lock:
+                    if self._closed_reason is not None or self._closing is not None:
+                        self._writer_cond.notify()
+                        return
+                    data = self._conn.data_to_send()
+                if not data:
+                    return
+                self._send(data)
+            with self._lock:
+                if self._conn.pending_output:
+                    self._writer_cond.notify()
+        except TimeoutError:
+            reason = f"peer stopped reading for {self.dead_after:g} s"
+        except TlsError as exc:
+            reason = f"TLS error: {exc}"
+        except OSError as exc:
+            reason = f"connection lost: {exc.strerror or exc}"
+        finally:
+            self._flush_lock.release()
+        if reason is not None:
+            self._finish(reason)
 
     # ----- teardown -------------------------------------------------------
 

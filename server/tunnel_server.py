@@ -24,6 +24,7 @@ from server.relay import relay
 from server.target_dialer import TargetDialError, dial_target
 from server.tls import SilentClose, TlsChannel, TlsError, server_context
 from server.tunnel_link import TunnelLink, set_nodelay
+from server.worker_pool import WorkerPool
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -55,6 +56,7 @@ class TunnelServer:
         self._total_tunnels = 0
         self._total_streams = 0
         self._accept_thread: threading.Thread | None = None
+        self._stream_workers = WorkerPool("stream")
 
     # ----- lifecycle ------------------------------------------------------
 
@@ -230,12 +232,7 @@ class TunnelServer:
             link.reject_stream(request, *refuse)
             self._log_stream_failure(link, request, refuse[0], refuse[1])
             return
-        threading.Thread(
-            target=self._serve_stream,
-            args=(link, request),
-            name=f"{link.name}-s{request.stream_id}",
-            daemon=True,
-        ).start()
+        self._stream_workers.submit(self._serve_stream, link, request)
 
     def _serve_stream(self, link: TunnelLink, request: StreamOpenRequested) -> None:
         try:

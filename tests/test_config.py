@@ -462,7 +462,7 @@ def test_settings_are_frozen_and_validated_when_built_directly() -> None:
     with pytest.raises(FieldError, match="connect_timeout: expected a duration in seconds, got '10s'"):
         ServerConfig(connect_timeout="10s")  # type: ignore[arg-type]
     with pytest.raises(FieldError, match="initial_window: must be at least max_payload"):
-        dataclasses.replace(config, max_payload=1 << 20)
+        dataclasses.replace(config, max_payload=4 << 20)
 
 
 def test_settings_class_must_keep_the_masked_repr() -> None:
