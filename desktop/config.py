@@ -45,6 +45,13 @@ def default_log_path() -> Path:
     return platformdirs.user_log_path(APP_NAME, appauthor=False) / "fluidity.log"
 
 
+#: The agent grants the server a bigger window than the server grants the agent: downloads
+#: are the bulk direction and a desktop has memory to spare, while the Fargate task has
+#: 512 MB. Measured on loopback: 4 MiB took one stream from ~540 to ~840 MB/s against
+#: 1 MiB; 8 MiB added nothing more.
+AGENT_INITIAL_WINDOW = 4 * DEFAULT_INITIAL_WINDOW
+
+
 @dataclass(frozen=True, repr=False)
 class AgentConfig(Settings):
     """Everything the agent reads at start-up."""
@@ -93,10 +100,10 @@ class AgentConfig(Settings):
         help="largest frame payload in bytes this agent accepts",
     )
     initial_window: int = setting(
-        DEFAULT_INITIAL_WINDOW,
+        AGENT_INITIAL_WINDOW,
         minimum=MIN_PAYLOAD_LIMIT,
         maximum=MAX_WINDOW,
-        help="bytes a peer may send on a stream before it must wait for a window update",
+        help="bytes the server may send on a stream before it must wait for a window update",
     )
     log_level: LogLevel = setting("info", help="least severe log level written")
     log_file: Path | None = setting(
