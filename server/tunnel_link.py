@@ -42,6 +42,9 @@ from server.tls import TlsChannel, TlsError
 
 #: Largest slice handed to one TLS write, so a send timeout means "no progress", not "slow link".
 WRITE_SLICE = 256 * 1024
+#: Streams stop queueing once this much output waits for the TLS writer (bounds memory
+#: to about twice this per tunnel, whatever the windows and the number of streams).
+MAX_QUEUED_OUTPUT = 2 * 1024 * 1024
 #: Up to this many open streams, a stream's thread sends its own output (no writer hop).
 WRITE_THROUGH_MAX_STREAMS = 4
 #: ... and with more streams, only bulk output of at least this size is sent by its own thread.
@@ -127,11 +130,20 @@ class LinkStream:
                     if self._local_fin:
                         raise StreamClosedError("stream already shut down for writing", "internal")
                     credit = conn.send_credit(self.stream_id)
-                    if credit > 0:
+                    if credit > 0 and conn.pending_output < MAX_QUEUED_OUTPUT:
                         break
                     if not conn.is_open(self.stream_id):
                         raise StreamClosedError("stream closed by the peer", "cancelled")
-                    self._cond.wait()
+                    if credit > 0:
+                        # The link is the bottleneck: wait for the writer instead of queueing
+                        # every stream's whole window in memory.
+                        link._drain_waiters += 1
+                        try:
+                            link._drained.wait()
+                        finally:
+                            link._drain_waiters -= 1
+                    else:
+                        self._cond.wait()
                 offset += conn.send_data(self.stream_id, view[offset : offset + credit])
                 link.last_activity = time.time()
             link._flush_from_caller()
@@ -185,6 +197,8 @@ class TunnelLink:
         self._lock = threading.Lock()
         self._writer_cond = threading.Condition(self._lock)
         self._state_cond = threading.Condition(self._lock)
+        self._drained = threading.Condition(self._lock)  # the output queue was taken by a sender
+        self._drain_waiters = 0
         self._streams: dict[int, LinkStream] = {}
         # Held by whoever moves queued output to the TLS channel (the writer thread or a stream
         # thread writing through), so output leaves in the order it was queued.
@@ -453,7 +467,7 @@ class TunnelLink:
                         return
                 with self._flush_lock:
                     with self._lock:
-                        data = self._conn.data_to_send()
+                        data = self._take_output()
                         closing = self._closing
                         if self._closed_reason is not None:
                             return
@@ -468,6 +482,13 @@ class TunnelLink:
         except OSError as exc:
             reason = f"connection lost: {exc.strerror or exc}"
         self._finish(reason, graceful=(reason == self._closing))
+
+    def _take_output(self) -> bytearray:
+        """Everything queued for the peer (call with the lock held); wakes throttled streams."""
+        data = self._conn.data_to_send()
+        if self._drain_waiters:
+            self._drained.notify_all()
+        return data
 
     def _send(self, data: bytearray) -> None:
         view = memoryview(data)
@@ -496,7 +517,7 @@ class TunnelLink:
                     if self._closed_reason is not None or self._closing is not None:
                         self._writer_cond.notify()
                         return
-                    data = self._conn.data_to_send()
+                    data = self._take_output()
                 if not data:
                     return
                 self._send(data)
@@ -530,6 +551,7 @@ class TunnelLink:
                 stream._cond.notify_all()
             self._state_cond.notify_all()
             self._writer_cond.notify_all()
+            self._drained.notify_all()
         if graceful:
             self.channel.close()
         else:

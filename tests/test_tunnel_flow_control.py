@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 
 import pytest
 from origin_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
@@ -133,3 +134,34 @@ def test_a_stalled_reader_holds_back_only_its_own_stream(
     assert received == STALLED_SIZE
     assert digest.hexdigest() == pattern_sha256(STALLED_SIZE)
     assert controlled_origin.sent == STALLED_SIZE
+
+
+def test_many_parallel_downloads_do_not_queue_every_window_in_the_server(
+    server_factory: ServerFactory, agent_factory: AgentFactory, http_origin: OriginServer
+) -> None:
+    """With 24 streams and the agent's 4 MiB windows, the server may hold 96 MiB of credit;
+    it must queue only what the TLS link can take next, not every stream's whole window."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = server_factory()
+    agent = agent_factory(server.port)
+    assert agent.config.initial_window >= 4 * MIB
+    assert server.process is not None
+    pid = server.process.pid
+    size = 12 * MIB
+    assert download_through(agent, http_origin.url(f"/download/{size}"), size) == pattern_sha256(size)
+    rss_before = process_rss(pid)
+    peak = rss_before
+    with ThreadPoolExecutor(24) as pool:
+        futures = [
+            pool.submit(download_through, agent, http_origin.url(f"/download/{size}"), size)
+            for _ in range(24)
+        ]
+        while not all(f.done() for f in futures):
+            peak = max(peak, process_rss(pid))
+            threading.Event().wait(0.01)
+        digests = {f.result() for f in futures}
+    assert digests == {pattern_sha256(size)}
+    # Measured: about +40 MiB (relay buffers, thread stacks, malloc arenas) with the queue
+    # bound, about +260 MiB without it.
+    assert peak - rss_before < 96 * MIB, (rss_before, peak)
