@@ -57,6 +57,11 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
         stream.close()
 
     _UPSTREAM_WORKERS.submit(upstream)
+    # Tunnel streams can write arriving data straight into the socket from their reader.
+    deliver_to = getattr(stream, "deliver_to", None)
+    delivered = getattr(stream, "delivered", None)
+    if deliver_to is not None:
+        deliver_to(sock)
     socket_refused_data = False
     try:
         while True:
@@ -69,6 +74,8 @@ def relay(sock: socket.socket, stream: ByteStream, *, initial: bytes = b"", chun
                 break
             try:
                 sock.sendall(data)
+                if delivered is not None:
+                    delivered()
             except OSError:
                 # The socket's peer stopped taking data (e.g. an origin that answered an upload
                 # early and closed). What it sent before is still readable: let the other

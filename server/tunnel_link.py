@@ -42,6 +42,7 @@ from server.tls import TlsChannel, TlsError
 
 #: Largest slice handed to one TLS write, so a send timeout means "no progress", not "slow link".
 WRITE_SLICE = 256 * 1024
+_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 #: Streams stop queueing once this much output waits for the TLS writer (bounds memory
 #: to about twice this per tunnel, whatever the windows and the number of streams).
 MAX_QUEUED_OUTPUT = 2 * 1024 * 1024
@@ -75,8 +76,27 @@ class LinkStream:
         self._opened = False
         self._open_failure: DialError | None = None
         self._closed = False
+        # Direct delivery: the reader thread may write arriving data straight into this
+        # socket (never blocking) while no consumer holds data, saving a thread hand-off.
+        self._sink: socket.socket | None = None
+        self._sink_busy = False
 
     # Calls below run in the stream's own threads.
+
+    def deliver_to(self, sock: socket.socket) -> None:
+        """Let the reader write data straight to ``sock`` while the consumer is idle.
+
+        Only for blocking sockets without a timeout (a non-blocking send must fail at once)
+        and where the platform has MSG_DONTWAIT. The consumer calls ``delivered()`` after
+        writing what ``recv`` gave it, so bytes keep their order.
+        """
+        if _DONTWAIT and sock.gettimeout() is None:
+            with self._cond:
+                self._sink = sock
+
+    def delivered(self) -> None:
+        with self._cond:
+            self._sink_busy = False
 
     def recv(self, max_bytes: int) -> bytes:
         link = self.link
@@ -106,6 +126,8 @@ class LinkStream:
                     size += len(piece)
                 data = b"".join(parts)
             self._buffered -= len(data)
+            if self._sink is not None:
+                self._sink_busy = True
             link._conn.acknowledge(self.stream_id, len(data))
             flush = link._conn.pending_output > 0
         if flush:
@@ -394,9 +416,20 @@ class TunnelLink:
             stream = self._streams.get(event.stream_id)
             if stream is None:
                 return
-            stream._buffer.append(event.data)
-            stream._buffered += len(event.data)
             self.last_activity = time.time()
+            data = event.data
+            if stream._sink is not None and not stream._buffer and not stream._sink_busy:
+                try:
+                    sent = stream._sink.send(data, _DONTWAIT)
+                except OSError:  # full, or broken: the consumer thread finds out and reports
+                    sent = 0
+                if sent:
+                    self._conn.acknowledge(event.stream_id, sent)
+                    if sent == len(data):
+                        return
+                    data = data[sent:]
+            stream._buffer.append(data)
+            stream._buffered += len(data)
             stream._cond.notify_all()
         elif isinstance(event, WindowOpened | StreamOpened | StreamEnded):
             stream = self._streams.get(event.stream_id)
