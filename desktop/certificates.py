@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -412,8 +413,8 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def _days_left(cert: x509.Certificate, now: datetime) -> int:
-    """Whole days, counted in the certificate's one-second resolution so a new 825-day cert says 825."""
-    return (cert.not_valid_after_utc - now.replace(microsecond=0)).days
+    """Days left, started days counted (a new 825-day certificate says 825 all through its first day)."""
+    return math.ceil((cert.not_valid_after_utc - now).total_seconds() / 86400)
 
 
 def _when(moment: datetime) -> str:
