@@ -9,10 +9,8 @@ origin over TLS, WebSocket echo servers, a dialer that connects directly over TC
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import http.server
-import ipaddress
 import json
 import os
 import random
@@ -23,12 +21,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.sync.server import Server, ServerConnection, serve
 
+from desktop import certificates
 from server.egress import EgressPolicy
 from server.stream_api import DialError, StreamClosedError
 from server.target_dialer import TargetDialError, dial_target
@@ -423,67 +418,15 @@ class TlsMaterial:
 
 def make_tls_material(directory: Path) -> TlsMaterial:
     """Create a CA and a serverAuth certificate (SAN localhost, 127.0.0.1) under ``directory``."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "proxy test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    ca = certificates.generate_ca("proxy test CA", days=2)
+    leaf = certificates.issue_leaf(
+        ca, "server", "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"], days=2
     )
     directory.mkdir(parents=True, exist_ok=True)
     material = TlsMaterial(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    material.ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    material.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    material.key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    material.key_path.chmod(0o600)
+    certificates.write_certificate(material.ca_path, ca.certificate, force=True)
+    certificates.write_certificate(material.cert_path, leaf.certificate, force=True)
+    certificates.write_private_key(material.key_path, leaf.private_key, force=True)
     return material
 
 
