@@ -132,7 +132,6 @@ class TunnelServer:
             except OSError:
                 pass
             listener.close()
-            self._listener_closed = listener
 
     # ----- accepting ------------------------------------------------------
 
