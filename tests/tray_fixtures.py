@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -124,6 +125,47 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None
         process.wait(timeout)
 
 
+TRAYER_ARGV = [
+    "trayer",
+    "--edge",
+    "top",
+    "--align",
+    "right",
+    "--widthtype",
+    "pixel",
+    "--width",
+    str(TRAY_WIDTH),
+    "--height",
+    str(TRAY_HEIGHT),
+    "--transparent",
+    "false",
+    "--SetDockType",
+    "false",
+]  # fmt: skip
+
+#: trayer now and then exits or never claims the tray selection on a loaded machine; a fresh
+#: start has always worked, so a few attempts are made before the session gives up.
+TRAYER_ATTEMPTS = 3
+
+
+def _start_tray_host(session: DisplaySession) -> subprocess.Popen[bytes]:
+    """Start trayer and wait until it owns the system tray selection, retrying a failed start."""
+    failures: list[str] = []
+    for _attempt in range(TRAYER_ATTEMPTS):
+        with tempfile.TemporaryFile() as stderr:
+            trayer = _start(TRAYER_ARGV, session.env, stdout=subprocess.DEVNULL, stderr=stderr)
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while trayer.poll() is None and time.monotonic() < deadline:
+                if _tray_owned(session.display):
+                    return trayer
+                time.sleep(0.1)
+            stop_process(trayer)
+            stderr.seek(0)
+            output = stderr.read().decode(errors="replace").strip()
+        failures.append(f"exit code {trayer.returncode}: {output or 'no output'}")
+    raise RuntimeError("trayer did not take the system tray selection: " + "; ".join(failures))
+
+
 @contextmanager
 def display_session(*, tray_host: bool = True) -> Iterator[DisplaySession]:
     """Xvfb on a free display, a session bus (dbus-run-session), dunst and trayer, torn down after."""
@@ -160,35 +202,7 @@ def display_session(*, tray_host: bool = True) -> Iterator[DisplaySession]:
         if not tray_host:
             yield session
             return
-        processes.append(
-            _start(
-                [
-                    "trayer",
-                    "--edge",
-                    "top",
-                    "--align",
-                    "right",
-                    "--widthtype",
-                    "pixel",
-                    "--width",
-                    str(TRAY_WIDTH),
-                    "--height",
-                    str(TRAY_HEIGHT),
-                    "--transparent",
-                    "false",
-                    "--SetDockType",
-                    "false",
-                ],  # fmt: skip
-                session.env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _tray_owned(display):
-            if time.monotonic() > deadline:
-                raise RuntimeError("trayer did not take the system tray selection")
-            time.sleep(0.1)
+        processes.append(_start_tray_host(session))
         yield session
     finally:
         for process in reversed(processes):
