@@ -19,6 +19,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import secrets
 import string
 import sys
@@ -446,6 +447,7 @@ class DeployOptions:
     idle_threshold: str | None = None
     alert_email: str | None = None
     api_key: str | None = None
+    log_export_bucket: str | None = None
     source_root: Path | None = None
 
 
@@ -481,6 +483,17 @@ def create_repository_flag(cfn: Client, ecr: Client, service_name: str, out: Tex
     return "true"
 
 
+def log_export_bucket_value(requested: str | None, existing: Mapping[str, Any] | None) -> str:
+    """The bucket asked for, else the one the stack has, else none; always passed explicitly.
+
+    An explicit "" (rather than leaving the parameter out) keeps the value stable across
+    updates, so an update never sees the optional bucket's condition as changed.
+    """
+    if requested is not None:
+        return requested
+    return stack_parameter_values(existing).get("LogExportBucketName", "")
+
+
 def deploy(aws: Aws, options: DeployOptions, out: TextIO, waiting: Waiting) -> dict[str, dict[str, str]]:
     """Package, upload, create/update fluidity-fargate then fluidity-lambda; returns both outputs."""
     try:
@@ -496,6 +509,9 @@ def deploy(aws: Aws, options: DeployOptions, out: TextIO, waiting: Waiting) -> d
         "ServiceName": options.service_name,
         "AllowedCidr": options.allowed_cidr,
         "ImageTag": options.image_tag,
+        "LogExportBucketName": log_export_bucket_value(
+            options.log_export_bucket, describe_stack(cfn, FARGATE_STACK)
+        ),
         "CreateRepository": create_repository_flag(cfn, aws.client("ecr"), options.service_name, out),
     }
     fargate = deploy_stack(cfn, FARGATE_STACK, template_body("server"), fargate_values, out, waiting)
@@ -679,6 +695,19 @@ def idle_threshold(text: str) -> str:
     return "".join(text.split()).lower()  # "10 m" -> "10m", the template's pattern
 
 
+#: S3's rules for a bucket name (3-63 lower-case letters, digits, dots, hyphens), as the template checks.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def log_export_bucket(text: str) -> str:
+    """argparse type: an S3 bucket name for log exports, or "" to stop managing one."""
+    if text and (BUCKET_NAME.fullmatch(text) is None or ".." in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an S3 bucket name (3-63 lower-case letters, digits, dots and hyphens)"
+        )
+    return text
+
+
 def emit(out: TextIO, line: str) -> None:
     out.write(line + "\n")
     out.flush()
@@ -715,6 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         type=api_key_value,
         help="use this API key value (20-128 letters/digits) instead of a generated one",
+    )
+    run.add_argument(
+        "--log-export-bucket",
+        type=log_export_bucket,
+        help='create this S3 bucket for "aws logs create-export-task" backups (e.g. fluidity-logs)',
     )
 
     store = commands.add_parser("secrets", parents=[common], help="store the server's TLS files in SSM")
@@ -761,6 +795,7 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
             idle_threshold=args.idle_threshold,
             alert_email=args.alert_email,
             api_key=args.api_key,
+            log_export_bucket=args.log_export_bucket,
         )
         deploy(aws, options, out, waiting)
     elif args.command == "secrets":

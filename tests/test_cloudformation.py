@@ -237,6 +237,34 @@ def test_container_health_check_matches_the_dockerfile(fargate: dict[str, Any]) 
     assert command == ["CMD", *json.loads(healthcheck.group(1))]
 
 
+def test_log_export_bucket_is_optional_private_kept_and_writable_by_cloudwatch_logs(
+    fargate: dict[str, Any],
+) -> None:
+    """The runbook's log backup (create-export-task --destination fluidity-logs) needs this bucket."""
+    parameter = fargate["Parameters"]["LogExportBucketName"]
+    assert parameter["Default"] == ""
+    assert re.fullmatch(parameter["AllowedPattern"], "fluidity-logs")
+    assert not re.fullmatch(parameter["AllowedPattern"], "Fluidity_Logs")
+    bucket = fargate["Resources"]["LogExportBucket"]
+    assert bucket["Condition"] == fargate["Resources"]["LogExportBucketPolicy"]["Condition"]
+    assert fargate["Conditions"][bucket["Condition"]] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "LogExportBucketName"}, ""]}]
+    }
+    assert bucket["DeletionPolicy"] == bucket["UpdateReplacePolicy"] == "Retain"  # backups outlive the stack
+    assert all(bucket["Properties"]["PublicAccessBlockConfiguration"].values())
+    statements = props(fargate, "LogExportBucketPolicy")["PolicyDocument"]["Statement"]
+    assert {sub_text(s["Principal"]["Service"]) for s in statements} == {
+        "logs.${AWS::Region}.${AWS::URLSuffix}"
+    }
+    assert {s["Action"]: sub_text(s["Resource"]) for s in statements} == {
+        "s3:GetBucketAcl": "{'Fn::GetAtt': ['LogExportBucket', 'Arn']}",
+        "s3:PutObject": "${LogExportBucket.Arn}/*",
+    }
+    assert all(
+        s["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"} for s in statements
+    )
+
+
 def test_fargate_outputs_name_what_the_lambdas_and_the_user_need(fargate: dict[str, Any]) -> None:
     assert {"ClusterName", "ServiceName", "RepositoryUri", "SecurityGroupId", "SubnetId"} <= set(
         fargate["Outputs"]

@@ -377,6 +377,35 @@ def test_destroy_deletes_lambda_then_fargate_keeps_the_image_repository(aws: Mot
     client("ecr", region).delete_repository(repositoryName="fluidity-server", force=True)
 
 
+def test_log_export_bucket_takes_the_runbooks_log_backup(aws: MotoEndpoint) -> None:
+    region = "ca-central-1"
+    run = run_cli(deploy_args(region, "--log-export-bucket", "fluidity-logs"))
+    assert run.returncode == 0, run.err
+    assert stack_outputs(fd.FARGATE_STACK, region)["LogExportBucket"] == "fluidity-logs"
+    s3 = client("s3", region)  # moto 5.2.5 skips the bucket policy; the template test checks it
+    assert s3.get_bucket_tagging(Bucket="fluidity-logs")["TagSet"] == [
+        {"Key": "fluidity:purpose", "Value": "log-export"}
+    ]
+
+    # The runbook's "Backup logs" command, as written, by the real aws CLI.
+    env_region = {"AWS_DEFAULT_REGION": region, "AWS_REGION": region}
+    result = subprocess.run(
+        ["bash", "-c", "aws logs create-export-task --log-group-name /aws/lambda/fluidity-wake --from 0 "
+         "--to $(date +%s)000 --destination fluidity-logs --destination-prefix backup/"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**cli_env(aws), **env_region, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["taskId"]
+    assert s3.list_objects_v2(Bucket="fluidity-logs")["KeyCount"] >= 1  # CloudWatch Logs' write check
+
+
+def test_without_the_option_no_log_export_bucket_is_made(deployed: CliRun) -> None:
+    assert "LogExportBucket" not in stack_outputs(fd.FARGATE_STACK)
+    stack = fd.describe_stack(client("cloudformation"), fd.FARGATE_STACK)
+    assert fd.stack_parameter_values(stack)["LogExportBucketName"] == ""  # the bucket's condition is off
+
+
 def test_destroy_when_nothing_is_deployed_says_so(aws: MotoEndpoint) -> None:
     run = run_cli(["destroy", "--yes", "--poll-interval", "0", "--region", "ap-south-1"])
     assert run.returncode == 0, run.err
@@ -631,6 +660,7 @@ def test_bundle_needs_the_shared_protocol_module(tmp_path: Path) -> None:
         (["deploy", "--allowed-cidr", "my-laptop"], "is not an IPv4 network"),
         (["deploy", "--idle-threshold", "ten minutes"], "must be a duration like 10m"),
         (["deploy", "--idle-threshold", "0m"], "must be longer than zero"),
+        (["deploy", "--log-export-bucket", "Fluidity_Logs"], "is not an S3 bucket name"),
     ],
 )
 def test_bad_deploy_options_are_refused_before_any_aws_call(
