@@ -143,8 +143,8 @@ TRAYER_ARGV = [
     "false",
 ]  # fmt: skip
 
-#: trayer now and then exits or never claims the tray selection on a loaded machine; a fresh
-#: start has always worked, so a few attempts are made before the session gives up.
+#: trayer has been seen, now and then, not to claim the tray selection in time; a fresh start
+#: is tried before the session gives up and reports what each attempt printed.
 TRAYER_ATTEMPTS = 3
 
 
