@@ -472,9 +472,10 @@ def stack_owns_resource(cfn: Client, stack: Mapping[str, Any] | None, logical_id
     return any(item.get("LogicalResourceId") == logical_id for item in summaries)
 
 
-def create_repository_flag(cfn: Client, ecr: Client, service_name: str, out: TextIO) -> str:
+def create_repository_flag(
+    cfn: Client, ecr: Client, existing: Mapping[str, Any] | None, service_name: str, out: TextIO
+) -> str:
     """Return "false" when a repository kept by an earlier ``destroy`` exists, so its images are reused."""
-    existing = describe_stack(cfn, FARGATE_STACK)
     if stack_owns_resource(cfn, existing, "Repository"):
         return "true"
     if repository_exists(ecr, service_name):
@@ -504,15 +505,16 @@ def deploy(aws: Aws, options: DeployOptions, out: TextIO, waiting: Waiting) -> d
     account = account_id(aws.client("sts"))
     emit(out, f"Deploying Fluidity to account {account}, region {aws.region}")
 
+    existing_fargate = describe_stack(cfn, FARGATE_STACK)
     fargate_values: dict[str, str | None] = {
         "ClusterName": options.cluster_name,
         "ServiceName": options.service_name,
         "AllowedCidr": options.allowed_cidr,
         "ImageTag": options.image_tag,
-        "LogExportBucketName": log_export_bucket_value(
-            options.log_export_bucket, describe_stack(cfn, FARGATE_STACK)
+        "LogExportBucketName": log_export_bucket_value(options.log_export_bucket, existing_fargate),
+        "CreateRepository": create_repository_flag(
+            cfn, aws.client("ecr"), existing_fargate, options.service_name, out
         ),
-        "CreateRepository": create_repository_flag(cfn, aws.client("ecr"), options.service_name, out),
     }
     fargate = deploy_stack(cfn, FARGATE_STACK, template_body("server"), fargate_values, out, waiting)
 
