@@ -19,14 +19,19 @@ DOCKER ?= docker
 TEMPLATES := server/cloudformation.yaml lambdas/cloudformation.yaml
 PYTEST_ARGS ?=
 DEPLOY_ARGS ?=
+DOCTOR_ARGS ?=
+# `make build` writes launchers here: the runbook's ./build/fluidity-agent and ./build/fluidity-server.
+BUILD_DIR ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format certs run-server-local run-agent-local docker-build-server \
-        deploy secrets outputs destroy
+.PHONY: help venv build test lint format certs run-server-local run-agent-local docker-build-server \
+        deploy secrets outputs destroy doctor
 
 help:
 	@echo "Fluidity make targets:"
 	@echo "  venv                 create .venv and install Fluidity with its test tools"
+	@echo "  build                launchers in $(BUILD_DIR)/ (./$(BUILD_DIR)/fluidity-agent, ./$(BUILD_DIR)/fluidity-server, ...)"
+	@echo "  doctor               check the set-up: fluidity doctor (DOCTOR_ARGS=\"--config configs/agent.yaml --aws\")"
 	@echo "  test                 run the test suite (PYTEST_ARGS=... to pass options)"
 	@echo "  lint                 ruff, mypy and cfn-lint"
 	@echo "  certs                create the CA, server and client certificates in $(CERT_DIR)/"
@@ -35,12 +40,15 @@ help:
 	@echo "  docker-build-server  build the $(IMAGE):$(IMAGE_TAG) image ($(DOCKER_PLATFORM))"
 	@echo "  deploy               create/update the fluidity-fargate and fluidity-lambda stacks"
 	@echo "  secrets              store $(CERT_DIR)/ca.crt, server.crt, server.key for the Fargate task"
-	@echo "  outputs              show both stacks' outputs (API URL, API key, ...)"
+	@echo "  outputs              show both stacks' outputs (API URL, API key, ...) and the server's public IP"
 	@echo "  destroy              delete fluidity-lambda, then fluidity-fargate"
 
 venv:
 	$(PYTHON) -m venv .venv
 	$(VENV_BIN)python -m pip install -e ".[test]"
+
+build:
+	$(PY) installer/launchers.py --out $(BUILD_DIR) --bin "$(BIN)"
 
 test:
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -80,3 +88,6 @@ outputs:
 
 destroy:
 	$(BIN)fluidity-deploy destroy $(DEPLOY_ARGS)
+
+doctor:
+	$(BIN)fluidity doctor $(DOCTOR_ARGS)

@@ -16,14 +16,16 @@ from collections.abc import Sequence
 from types import FrameType
 
 from desktop.config import AgentConfig, default_agent_config_path
-from desktop.controller import Controller, Snapshot, State
+from desktop.controller import Controller, Snapshot, State, missing_certificates
 from desktop.lifecycle.base import LifecycleError
 from desktop.lifecycle.factory import create_lifecycle
 from server import __version__
 from server.config_loader import ConfigError, add_arguments, load_from_args
 from server.json_logging import configure_logging
+from server.tls import TlsSetupError, client_context
 
 log = logging.getLogger("fluidity.agent")
+DOCTOR_FLAG = "--doctor"
 
 
 def build_parser(prog: str = "fluidity-agent", description: str | None = None) -> argparse.ArgumentParser:
@@ -37,8 +39,26 @@ def build_parser(prog: str = "fluidity-agent", description: str | None = None) -
     return parser
 
 
+def _agent_parser() -> argparse.ArgumentParser:
+    """``fluidity-agent``'s own parser: the shared one plus --doctor (main() hands that to the doctor)."""
+    parser = build_parser()
+    parser.add_argument(
+        DOCTOR_FLAG,
+        action="store_true",
+        help="only check the settings, certificates, control plane and server, print PASS/WARN/FAIL lines "
+        "with fixes and exit (as `fluidity doctor`; also takes --json, --aws, --public-ip)",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if DOCTOR_FLAG in arguments:
+        from desktop import doctor
+
+        rest = [argument for argument in arguments if argument != DOCTOR_FLAG]
+        return doctor.main(rest, prog=f"fluidity-agent {DOCTOR_FLAG}")
+    args = _agent_parser().parse_args(arguments)
     try:
         config = load_from_args(AgentConfig, args, default_path=default_agent_config_path())
     except ConfigError as exc:
@@ -54,6 +74,12 @@ def run_headless(config: AgentConfig, *, banner: str | None = None) -> int:
     Connect at start; Ctrl+C or SIGTERM is Disconnect + Quit (which kills the server when
     ``kill_on_disconnect`` applies). An error state ends the program with exit code 1.
     """
+    if not missing_certificates(config):  # missing ones: the controller says how to get them
+        try:  # refuse a bad or too-open key before waking (and paying for) a server
+            client_context(config.ca_file, config.cert_file, config.key_file)
+        except TlsSetupError as exc:
+            print(f"fluidity-agent: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     failed: list[str] = []
     announced = threading.Event()

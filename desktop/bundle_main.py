@@ -21,6 +21,8 @@ from server import __version__
 SUBCOMMANDS = {sub: PROGRAMS[program] for program, sub in FROZEN_SUBCOMMANDS.items() if sub is not None}
 #: What runs when no subcommand is given.
 DEFAULT_MODULE = PROGRAMS["fluidity"]
+#: Subcommands of the tray program itself (``fluidity doctor``), passed on to it whole.
+TRAY_SUBCOMMANDS = ("doctor",)
 
 USAGE = f"""\
 usage: fluidity [TRAY OPTIONS]          the tray app (fluidity --help-tray lists its options)
@@ -28,10 +30,11 @@ usage: fluidity [TRAY OPTIONS]          the tray app (fluidity --help-tray lists
        fluidity server [OPTIONS]        tunnel server
        fluidity certs  COMMAND ...      create, check and move certificates
        fluidity local  [OPTIONS]        tunnel server and proxy on this machine, no AWS needed
+       fluidity doctor [OPTIONS]        check the set-up: one PASS/WARN/FAIL line per check, with the fix
        fluidity --version
 
 Each command has its own --help, e.g. fluidity agent --help.
-Commands: {", ".join(SUBCOMMANDS)}.
+Commands: {", ".join([*SUBCOMMANDS, *TRAY_SUBCOMMANDS])}.
 """
 
 
@@ -40,8 +43,11 @@ def resolve(argv: Sequence[str]) -> tuple[str, list[str]]:
     args = list(argv)
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]], args[1:]
+    if args and args[0] in TRAY_SUBCOMMANDS:
+        return DEFAULT_MODULE, args
     if args and not args[0].startswith("-"):
-        raise ValueError(f"unknown command {args[0]!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+        choices = ", ".join([*SUBCOMMANDS, *TRAY_SUBCOMMANDS])
+        raise ValueError(f"unknown command {args[0]!r}; choose one of: {choices}")
     if args[:1] == ["--help-tray"]:
         return DEFAULT_MODULE, ["--help", *args[1:]]
     return DEFAULT_MODULE, args

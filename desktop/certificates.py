@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.config_loader import default_cert_dir
+from server.tls import key_file_problem
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -523,14 +524,9 @@ def check_certificate_set(pems: Mapping[str, bytes], now: datetime | None = None
 
 
 def _key_permission_problems(directory: Path) -> list[str]:
-    if os.name == "nt":
-        return []
-    problems = []
-    for name in (CA_KEY, SERVER_KEY, CLIENT_KEY):
-        path = directory / name
-        if path.is_file() and (mode := stat.S_IMODE(path.stat().st_mode)) & 0o077:
-            problems.append(f"{name} can be read by other users (mode {mode:04o}); run: chmod 600 {path}")
-    return problems
+    """The keys the tunnel would refuse to load, by the same rule (server.tls.key_file_problem)."""
+    paths = [directory / name for name in (CA_KEY, SERVER_KEY, CLIENT_KEY)]
+    return [problem for path in paths if path.is_file() and (problem := key_file_problem(path))]
 
 
 def verify(cert_dir: str | os.PathLike[str], now: datetime | None = None) -> list[str]:

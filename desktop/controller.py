@@ -24,7 +24,7 @@ from desktop.config import AgentConfig
 from desktop.lifecycle.base import Endpoint, LifecycleError, ServerLifecycle, WakeCancelled
 from desktop.tunnel_client import LinkObserver, LinkState
 from server.framing import ServerStatus
-from server.tls import TlsSetupError
+from server.tls import TlsSetupError, client_context
 
 log = logging.getLogger("fluidity.controller")
 
@@ -479,6 +479,12 @@ class Controller:
                 )
             )
             return
+        if not rewake and self.lifecycle.name != "local":
+            try:  # a key readable by others or a broken PEM is refused before waking (and paying)
+                client_context(config.ca_file, config.cert_file, config.key_file)
+            except TlsSetupError as error:
+                self.post(SessionFailed(session, "certificates", str(error)))
+                return
         try:
             endpoint = self.lifecycle.wake(
                 timeout=config.connection_timeout,

@@ -7,9 +7,15 @@ and framing rule be tested byte for byte.
 
 Request parsing is strict where a lax parser would let two parties disagree about
 message boundaries (request smuggling): control characters, obs-fold, whitespace before
-the colon, conflicting Content-Length. It is lenient only where that cannot happen: bare
-LF line endings and empty lines before a request line. Responses are relayed verbatim,
-so a malformed response field is skipped unless it could change where the body ends.
+the colon, conflicting Content-Length, Content-Length with Transfer-Encoding, and a
+Connection option naming a framing field (which a proxy would otherwise have to remove).
+It is lenient only where that cannot happen: bare LF line endings and empty lines before
+a request line. The forwarded head states its framing in one canonical field, so the
+origin cannot read it differently from the proxy.
+
+Responses are relayed verbatim, so a malformed response field is skipped unless it could
+change where the body ends, for the proxy or for a lax client: a field whose name looks
+like a framing field, obs-fold, a bare CR or a NUL is a 502 instead (RFC 9112 §5.2, §2.2).
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ _HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HEAD_END = re.compile(rb"\n\r?\n")
+#: A CR that does not end a line: some parsers take it as a line break, so it could hide a field.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+#: Optional whitespace around list members and values (RFC 9110 §5.6.3); str.strip() would also
+#: eat NBSP and NEL, letting "\xa0chunked" count as chunked here but not at the origin.
+_OWS = " \t"
 
 
 class HttpHeadError(ValueError):
@@ -91,10 +102,13 @@ class _HeaderFields:
         return values[0] if values else None
 
     def tokens(self, name: str) -> list[str]:
-        """Comma-separated list members of every ``name`` field, lower-cased."""
-        return [
-            item.strip().lower() for value in self.get_all(name) for item in value.split(",") if item.strip()
-        ]
+        """Comma-separated list members of every ``name`` field, lower-cased, empty ones dropped."""
+        return _list_members(self.get_all(name))
+
+
+def _list_members(values: Iterable[str]) -> list[str]:
+    """List members trimmed of OWS only, so every byte that is not OWS stays significant."""
+    return [item.strip(_OWS).lower() for value in values for item in value.split(",") if item.strip(_OWS)]
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,14 @@ def _split_lines(raw: bytes) -> list[bytes]:
 
 #: Fields that decide where a message ends; a malformed one is never skipped over.
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+#: Fields a Connection option must never remove: the next hop would frame (or route) the
+#: message differently from this one. RFC 9110 §7.6.1 forbids such options.
+_END_TO_END_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
+
+
+def _looks_like_framing_field(name: bytes) -> bool:
+    """True if a lax parser, ignoring stray bytes in ``name``, could read it as a framing field."""
+    return bytes(byte for byte in name.lower() if byte in _TOKEN_CHARS) in _FRAMING_FIELDS
 
 
 def _field_error(line: bytes) -> str | None:
@@ -225,19 +247,18 @@ def _parse_fields(
     if len(lines) > max_header_count:
         raise HttpHeadError(status_for_limit, f"too many header fields (limit {max_header_count})")
     fields: list[tuple[str, str]] = []
-    previous_name = b""
     for line in lines:
         if not line:
             raise HttpHeadError(400, "malformed header section: unexpected empty line")
         problem = _field_error(line)
         if problem is not None:
+            # Obs-fold is never skipped: a proxy must not relay it (RFC 9112 §5.2), and a
+            # client that does not unfold could read the folded text as a field of its own.
             folded = line[0] in (0x20, 0x09)
-            name = previous_name if folded else line.partition(b":")[0].strip(b" \t").lower()
-            if not tolerate_malformed or name in _FRAMING_FIELDS:
+            if not tolerate_malformed or folded or _looks_like_framing_field(line.partition(b":")[0]):
                 raise HttpHeadError(400, problem)
             continue
         name, _, value = line.partition(b":")
-        previous_name = name.lower()
         fields.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
     return tuple(fields)
 
@@ -267,11 +288,44 @@ def parse_request_head(raw: bytes, *, max_header_count: int = DEFAULT_MAX_HEADER
         raise HttpHeadError(400, "malformed request line: invalid method")
     if not _TARGET.fullmatch(target):
         raise HttpHeadError(400, "malformed request target")
-    return RequestHead(
+    head = RequestHead(
         method=method.decode("ascii"),
         target=target.decode("ascii"),
         version=_parse_version(version),
         headers=_parse_fields(lines[1:], max_header_count, 431),
+    )
+    check_connection_options(head)
+    return head
+
+
+def check_connection_options(request: RequestHead) -> None:
+    """Refuse a Connection option naming Content-Length, Transfer-Encoding or Host (400).
+
+    A proxy must remove every field a Connection option names (RFC 9110 §7.6.1). Removing
+    a framing field would make the origin see a different message boundary than the proxy
+    relays (request smuggling), and keeping it would ignore the option; so refuse.
+    """
+    named = _END_TO_END_FRAMING.intersection(request.tokens("connection"))
+    if named:
+        raise HttpHeadError(
+            400,
+            f"the Connection header names {', '.join(sorted(named))}, which must reach the origin: "
+            "framing and Host fields cannot be hop-by-hop options",
+        )
+
+
+def oversized_request_head(buffer: bytes | bytearray, limit: int) -> HttpHeadError:
+    """The error for a request head over ``limit`` bytes: 414 if the request line alone is, else 431.
+
+    RFC 9112 §3 asks for 414 URI Too Long when the target is what is too long; telling the
+    two apart tells the user whether to shorten the URL or the headers (cookies, usually).
+    """
+    start = leading_empty_line_bytes(buffer)
+    line_end = buffer.find(b"\n", start)
+    if line_end < 0 or line_end - start >= limit:
+        return HttpHeadError(414, f"request URI too long: the request line is longer than {limit} bytes")
+    return HttpHeadError(
+        431, f"request header fields too large: the request head is larger than {limit} bytes"
     )
 
 
@@ -288,9 +342,12 @@ def parse_response_head(raw: bytes, *, max_header_count: int = 512) -> ResponseH
         status_line = lines[0]
         if _BAD_VALUE_BYTE.search(status_line):
             raise HttpHeadError(502, "control character in the status line")
+        if b"\x00" in raw or _BARE_CR.search(raw, leading_empty_line_bytes(raw)):
+            # Relayed verbatim, these could split or end a line for the client but not for us.
+            raise HttpHeadError(502, "NUL or bare CR in the response head")
         version, _, rest = status_line.partition(b" ")
         code, _, reason = rest.partition(b" ")
-        if not _STATUS_CODE.fullmatch(code):
+        if not _STATUS_CODE.fullmatch(code) or code.startswith(b"0"):
             raise HttpHeadError(502, "malformed status line")
         return ResponseHead(
             version=_parse_version(version),
@@ -406,7 +463,8 @@ def response_keeps_alive(response: ResponseHead) -> bool:
 
 
 def _content_length(values: list[str], status: int) -> int:
-    lengths = {item.strip() for value in values for item in value.split(",")}
+    """The one length all Content-Length values agree on (RFC 9110 §8.6), or an error."""
+    lengths = {item.strip(_OWS) for value in values for item in value.split(",")}
     if len(lengths) != 1:
         raise HttpHeadError(status, "conflicting Content-Length values")
     (text,) = lengths
@@ -434,21 +492,43 @@ def request_body_framing(request: RequestHead) -> BodyFraming:
 
 
 def response_body_framing(request_method: str, response: ResponseHead) -> BodyFraming:
-    """Where the response body ends (RFC 9112 §6.3), given the method that asked for it."""
+    """Where the response body ends (RFC 9112 §6.3), given the method that asked for it.
+
+    Only the fields present count: the head is relayed verbatim (see
+    ``relayable_response_head``), so a Connection option naming a framing field removes
+    nothing, and the client frames the body by the same fields the proxy does.
+    """
     if request_method == "HEAD" or response.status < 200 or response.status in (204, 304):
         return NO_BODY
+    lengths = response.get_all("content-length")
+    length = None
+    if lengths:
+        # Checked even beside Transfer-Encoding: an origin sending conflicting lengths cannot
+        # be trusted to frame anything.
+        try:
+            length = _content_length(lengths, 502)
+        except HttpHeadError as error:
+            raise HttpHeadError(502, f"upstream sent a malformed response: {error.message}") from None
     if response.get_all("transfer-encoding"):
         codings = response.tokens("transfer-encoding")
         if response.minor_version >= 1 and codings and codings[-1] == "chunked":
             return BodyFraming("chunked")
         return BodyFraming("until_close")
-    lengths = response.get_all("content-length")
-    if lengths:
-        try:
-            return BodyFraming("length", _content_length(lengths, 502))
-        except HttpHeadError as error:
-            raise HttpHeadError(502, f"upstream sent a malformed response: {error.message}") from None
+    if length is not None:
+        return BodyFraming("length", length)
     return BodyFraming("until_close")
+
+
+def _canonical_framing_value(request: RequestHead, key: str) -> str:
+    """The single value to forward for a framing field, so the origin cannot read it another way.
+
+    Duplicate or listed lengths become one number; transfer codings become one lower-case
+    list, so an origin that reads only the first field, or compares case-sensitively,
+    still sees the final ``chunked`` the proxy frames by.
+    """
+    if key == "content-length":
+        return str(_content_length(request.get_all(key), 400))
+    return ", ".join(request.tokens(key))
 
 
 def build_forward_head(request: RequestHead, target: ProxyTarget, *, client_keeps_alive: bool) -> bytes:
@@ -456,24 +536,27 @@ def build_forward_head(request: RequestHead, target: ProxyTarget, *, client_keep
 
     The proxy states its own connection intent (close, or keep-alive for HTTP/1.0) because
     the response is relayed verbatim and must carry semantics the client expects. A
-    ``100-continue`` expectation is dropped because the proxy answers it itself.
+    ``100-continue`` expectation is dropped because the proxy answers it itself. Framing
+    fields are never dropped and are forwarded canonically, once each.
     """
+    check_connection_options(request)
+    request_body_framing(request)  # refuses framing the origin could read differently
     websocket = is_websocket_upgrade(request)
-    dropped = set(HOP_BY_HOP_HEADERS) | set(request.tokens("connection"))
-    dropped.discard("host")
+    dropped = (set(HOP_BY_HOP_HEADERS) | set(request.tokens("connection"))) - _END_TO_END_FRAMING
     if expects_continue(request):
         dropped.add("expect")
     fields: list[tuple[str, str]] = []
-    host_written = False
+    written: set[str] = set()
     for name, value in request.headers:
         key = name.lower()
-        if key == "host":
-            if not host_written:
-                fields.append((name, target.authority))
-                host_written = True
+        if key in _END_TO_END_FRAMING:
+            if key not in written:
+                written.add(key)
+                canonical = target.authority if key == "host" else _canonical_framing_value(request, key)
+                fields.append((name, canonical))
         elif key not in dropped or (websocket and key == "upgrade"):
             fields.append((name, value))
-    if not host_written:
+    if "host" not in written:
         fields.insert(0, ("Host", target.authority))
     if websocket:
         fields.append(("Connection", "Upgrade"))
@@ -482,6 +565,22 @@ def build_forward_head(request: RequestHead, target: ProxyTarget, *, client_keep
     elif request.minor_version == 0:
         fields.append(("Connection", "keep-alive"))
     return _render_head(f"{request.method} {target.path} {request.version}", fields)
+
+
+def relayable_response_head(raw: bytes, response: ResponseHead) -> bytes:
+    """The response head to relay: verbatim, minus Content-Length when Transfer-Encoding is present.
+
+    Transfer-Encoding overrides Content-Length, and an intermediary forwarding such a
+    message must remove the Content-Length first (RFC 9112 §6.3), or a client that trusts
+    the length would split the response differently from the proxy.
+    """
+    if not (response.get_all("transfer-encoding") and response.get_all("content-length")):
+        return raw
+    lines = raw.split(b"\n")
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.partition(b":")[0].strip(b" \t").lower() != b"content-length"
+    ]
+    return b"\n".join(kept)
 
 
 def _render_head(start_line: str, fields: Iterable[tuple[str, str]]) -> bytes:

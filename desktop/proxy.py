@@ -40,8 +40,10 @@ from desktop.http_head import (
     find_head_end,
     is_websocket_upgrade,
     leading_empty_line_bytes,
+    oversized_request_head,
     parse_request_head,
     parse_response_head,
+    relayable_response_head,
     render_error_response,
     request_body_framing,
     request_keeps_alive,
@@ -280,12 +282,12 @@ class _ClientConnection:
                 end = find_head_end(self._pending, scan_from)
                 if end is not None:
                     if end > settings.max_header_bytes:
-                        raise _too_large(settings.max_header_bytes)
+                        raise _too_large(self._pending, settings.max_header_bytes)
                     raw = bytes(self._pending[:end])
                     del self._pending[:end]
                     return raw
                 if len(self._pending) > settings.max_header_bytes:
-                    raise _too_large(settings.max_header_bytes)
+                    raise _too_large(self._pending, settings.max_header_bytes)
                 scan_from = max(0, len(self._pending) - 3)
             wait = settings.idle_timeout if deadline is None else deadline - time.monotonic()
             try:
@@ -337,7 +339,7 @@ class _ClientConnection:
             raise _RequestRejected(
                 502, error.message, "http_response_content_length", "bad response"
             ) from None
-        self._send_to_client(raw_head)
+        self._send_to_client(relayable_response_head(raw_head, response))
         try:
             self._relay_response_body(response_framing, upstream)
         except _UpstreamLost as lost:
@@ -686,10 +688,11 @@ def _bind_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _too_large(limit: int) -> _RequestRejected:
-    return _RequestRejected(
-        431, f"request head larger than {limit} bytes", "http_request_header_size", "head too large"
-    )
+def _too_large(head: bytes | bytearray, limit: int) -> _RequestRejected:
+    """414 when the request line alone is over the limit, else 431 (see ``oversized_request_head``)."""
+    error = oversized_request_head(head, limit)
+    proxy_status = "http_request_error" if error.status == 414 else "http_request_header_size"
+    return _RequestRejected(error.status, error.message, proxy_status, "head too large")
 
 
 class LocalProxy:

@@ -17,15 +17,19 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from desktop import certificates
 from desktop.autostart import Autostart
+from desktop.config import AgentConfig
 from desktop.controller import Controller, Snapshot, State, missing_certificates
 from desktop.desktop_shell import Chooser, Copier, Opener, choose_file, copy_text, open_path
 from desktop.first_run import write_first_run_config
 from desktop.icons import tray_icon
 from desktop.lifecycle.polling import describe_status
+
+if TYPE_CHECKING:
+    from desktop.doctor import Report
 
 log = logging.getLogger("fluidity.tray")
 
@@ -38,6 +42,10 @@ TICK_INTERVAL = 1.0
 TRAY_HOST_WAIT = 30.0
 #: Bound for Quit: disconnect and stop the server, then leave anyway.
 QUIT_TIMEOUT = 60.0
+#: The "Diagnose…" report, written next to the log file and opened like it.
+DOCTOR_REPORT = "doctor.txt"
+#: Runs the doctor's checks on the tray's settings (``desktop.doctor.diagnose``; tests pass their own).
+Diagnoser = Callable[[AgentConfig], "Report"]
 
 
 class TrayUnavailable(Exception):
@@ -221,6 +229,7 @@ class TrayApp:
         opener: Opener = open_path,
         copier: Copier = copy_text,
         chooser: Chooser = choose_file,
+        diagnoser: Diagnoser | None = None,
     ) -> None:
         self.controller = controller
         self.pystray = pystray
@@ -232,6 +241,7 @@ class TrayApp:
         self.opener = opener
         self.copier = copier
         self.chooser = chooser
+        self.diagnoser = diagnoser
         self.quit_done = threading.Event()
         self._quitting = threading.Event()
         self._running = False
@@ -267,6 +277,7 @@ class TrayApp:
             Item("Start at login", self.on_toggle_autostart, checked=lambda _item: self.autostart_enabled()),
             Item("Open log", self.on_open_log),
             Item("Open config", self.on_open_config),
+            Item("Diagnose…", self.on_diagnose),
             Menu.SEPARATOR,
             Item("Quit", self.on_quit),
         )
@@ -395,6 +406,29 @@ class TrayApp:
             self.notify(f"Could not create {self.config_path}: {error}", error=True)
             return
         self._open(self.config_path)
+
+    def on_diagnose(self) -> None:
+        self.run_in_background("diagnose", self.diagnose)
+
+    def diagnose(self) -> Path:
+        """Run `fluidity doctor` on this tray's settings: notify the verdict, open the full report."""
+        from desktop import doctor
+
+        config = self.controller.config
+        report = (self.diagnoser or (lambda c: doctor.diagnose(c, source=str(self.config_path))))(config)
+        path = self.log_path.with_name(DOCTOR_REPORT)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(doctor.render_text(report), encoding="utf-8")
+        log.info("doctor: %s", report.summary(), extra={"doctor": report.to_json()})
+        problems = report.problems()
+        if problems:
+            first = problems[0]
+            fix = f" Fix: {first.fix}" if first.fix else ""
+            self.notify(f"{report.summary()}. {first.check}: {first.finding}.{fix}", error=not report.ok)
+        else:
+            self.notify(f"{report.summary()}: no problems found.")
+        self._open(path)
+        return path
 
     def on_quit(self) -> None:
         """Disconnect (stopping the server if configured) off the UI thread, then end the loop."""

@@ -39,12 +39,15 @@ from server.json_logging import configure_logging
 log = logging.getLogger("fluidity.tray")
 
 ALREADY_RUNNING = "Fluidity is already running"
+#: ``fluidity doctor [--json] [--aws] ...``: the read-only checks instead of the tray.
+DOCTOR_COMMAND = "doctor"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fluidity",
-        description="Fluidity tray app: Connect wakes the server and runs the local proxy over the tunnel.",
+        description="Fluidity tray app: Connect wakes the server and runs the local proxy over the tunnel. "
+        "`fluidity doctor` checks the set-up instead (`fluidity doctor --help`).",
     )
     parser.add_argument("--version", action="version", version=f"fluidity {__version__}")
     parser.add_argument(
@@ -87,7 +90,12 @@ def _install_quit_signals(app: TrayApp) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == [DOCTOR_COMMAND]:
+        from desktop import doctor  # only the doctor's imports: no tray, no display needed
+
+        return doctor.main(arguments[1:], prog=f"fluidity {DOCTOR_COMMAND}")
+    args = build_parser().parse_args(arguments)
     if args.choose_file is not None:
         return run_tk_file_dialog(args.choose_file)
 

@@ -37,9 +37,13 @@ ASSET_FOLDER = "assets"
 GUI_STACKS = ("system", "bundled", "none")
 
 #: botocore service models the bundle calls: ecs + ec2 (the ecs lifecycle), cloudwatch
-#: (server metrics), and the credential providers' own clients (sts for roles and web
-#: identity, sso + sso-oidc for IAM Identity Center, signin for ``aws login``).
-BOTOCORE_SERVICES = frozenset({"ecs", "ec2", "cloudwatch", "sts", "sso", "sso-oidc", "signin"})
+#: (server metrics), cloudformation, events, lambda and logs (``fluidity doctor``'s AWS
+#: checks), and the credential providers' own clients (sts for roles and web identity,
+#: sso + sso-oidc for IAM Identity Center, signin for ``aws login``).
+BOTOCORE_SERVICES = frozenset(
+    {"ecs", "ec2", "cloudwatch", "cloudformation", "events", "lambda", "logs"}
+    | {"sts", "sso", "sso-oidc", "signin"}
+)
 #: Files in a kept service that only AWS's documentation generators read.
 BOTOCORE_DOC_FILES = frozenset({"examples-1.json"})
 

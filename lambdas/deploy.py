@@ -6,7 +6,7 @@ Commands (``fluidity-deploy <command> --help`` for options):
   ``fluidity-fargate`` and ``fluidity-lambda`` (in that order) and print their outputs.
 * ``secrets --cert-dir DIR``: store ca.crt, server.crt and server.key as SSM SecureString
   parameters, which the Fargate task receives as environment variables.
-* ``outputs``: print both stacks' outputs.
+* ``outputs``: print both stacks' outputs and the server's public IP (when a task runs).
 * ``destroy``: delete ``fluidity-lambda``, then ``fluidity-fargate``.
 
 AWS credentials and region come from ``--profile``/``AWS_PROFILE`` and
@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import boto3
 import botocore.exceptions
 
-from lambdas.control import ConfigError, parse_duration
+from lambdas.control import ConfigError, ControlConfig, ControlPlaneFailure, parse_duration, server_status
 from lambdas.packaging import LambdaBundle, PackagingError, build_bundle
 
 FARGATE_STACK = "fluidity-fargate"
@@ -601,6 +601,26 @@ def collect_outputs(cfn: Client) -> dict[str, dict[str, str]]:
     return found
 
 
+def server_state(aws: Aws, fargate: Mapping[str, str]) -> dict[str, Any]:
+    """The server's state and public IP (the runbook's list-tasks/describe-tasks/ENI chain), as JSON."""
+    config = ControlConfig(
+        cluster=fargate.get("ClusterName", "fluidity"), service=fargate.get("ServiceName", "fluidity-server")
+    )
+    try:
+        return server_status(aws.client("ecs"), aws.client("ec2"), config).to_json()
+    except ControlPlaneFailure as failure:
+        return failure.error.to_json()
+
+
+def format_server_state(state: Mapping[str, Any]) -> str:
+    """``Server public IP: 203.0.113.7 (running, port 8443)``, or why there is none."""
+    if "error" in state:
+        return f"Server: unknown ({state.get('message')})"
+    if state.get("public_ip"):
+        return f"Server public IP: {state['public_ip']} ({state['state']}, port {state['port']})"
+    return f"Server: {state['state']}, no public IP ({state.get('message')})"
+
+
 def print_outputs(outputs: Mapping[str, Mapping[str, str]], out: TextIO) -> None:
     for stack, values in outputs.items():
         emit(out, f"{stack} outputs:")
@@ -758,7 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cert-dir", type=Path, required=True, help="folder with ca.crt, server.crt, server.key"
     )
 
-    show = commands.add_parser("outputs", parents=[common], help="print both stacks' outputs")
+    show = commands.add_parser(
+        "outputs", parents=[common], help="print both stacks' outputs and the server's public IP"
+    )
     show.add_argument("--json", action="store_true", help="print them as JSON")
 
     remove = commands.add_parser(
@@ -804,10 +826,16 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
         store_certificates(aws.client("ssm"), args.cert_dir, DEFAULT_CERT_PREFIX, out)
     elif args.command == "outputs":
         outputs = collect_outputs(aws.client("cloudformation"))
+        state = server_state(aws, outputs[FARGATE_STACK]) if FARGATE_STACK in outputs else None
         if args.json:
-            emit(out, json.dumps(outputs, indent=2, sort_keys=True))
+            shown: dict[str, Any] = dict(outputs)
+            if state is not None:
+                shown["server"] = state
+            emit(out, json.dumps(shown, indent=2, sort_keys=True))
         else:
             print_outputs(outputs, out)
+            if state is not None:
+                emit(out, format_server_state(state))
     elif args.command == "destroy":
         if not args.yes and not confirm(
             f"Delete stacks {LAMBDA_STACK} and {FARGATE_STACK} in {aws.region}?", sys.stdin

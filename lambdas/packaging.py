@@ -18,8 +18,10 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FILE_MODE = 0o100644
 #: The shared protocol module the handlers use for their replies; the rest of ``server`` is not needed.
 SERVER_MODULES = ("server/__init__.py", "server/framing.py")
-#: Modules of ``lambdas`` that run on the deployer's machine, never inside a Lambda.
-DEPLOY_TOOLING = frozenset({"deploy.py", "packaging.py"})
+#: Modules of ``lambdas`` that run on a deployer's or developer's machine, never inside a Lambda:
+#: the deploy tool, this packager and the local API gateway (a listening HTTP server that has
+#: no business in a function behind the real API Gateway).
+DEPLOY_TOOLING = frozenset({"deploy.py", "packaging.py", "local_gateway.py"})
 
 
 class PackagingError(Exception):
@@ -46,7 +48,7 @@ def project_root() -> Path:
 
 
 def bundle_members(root: Path) -> list[str]:
-    """Archive names, sorted: ``lambdas/*.py`` (minus the deploy tooling) and two ``server`` modules."""
+    """Archive names, sorted: ``lambdas/*.py`` (minus DEPLOY_TOOLING) and two ``server`` modules."""
     lambdas_dir = root / "lambdas"
     if not (lambdas_dir / "handlers.py").is_file():
         raise PackagingError(f"{lambdas_dir / 'handlers.py'} is missing: nothing to deploy as the Lambdas")

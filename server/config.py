@@ -15,6 +15,7 @@ from server.config_loader import (
     setting,
 )
 from server.framing import (
+    DEFAULT_CONNECTION_WINDOW,
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_PAYLOAD,
     MAX_PAYLOAD_LIMIT,
@@ -73,7 +74,29 @@ class ServerConfig(Settings):
         default_factory=list, kind="port", help="destination ports agents may open (empty = any port)"
     )
     max_streams_per_tunnel: int = setting(
-        1024, minimum=1, help="most streams one tunnel may have open at once"
+        1024, minimum=1, help="most streams one tunnel may have open at once, dials in progress included"
+    )
+    max_tunnels: int = setting(64, minimum=1, help="most authenticated agent tunnels at once")
+    max_handshakes: int = setting(
+        256, minimum=1, help="most connections still in TLS + HELLO at once; more are closed at once"
+    )
+    max_handshakes_per_source: int = setting(
+        32, minimum=0, help="most connections in TLS + HELLO from one IP address (0 = no per-address cap)"
+    )
+    handshake_timeout: float = duration(
+        "5s", help="a connection must finish TLS and send HELLO within this, or it is closed"
+    )
+    stream_idle_timeout: float = duration(
+        "1h", allow_zero=True, help="reset a stream with no data either way for this long (0 = never)"
+    )
+    connection_window: int = setting(
+        DEFAULT_CONNECTION_WINDOW,
+        minimum=MIN_PAYLOAD_LIMIT,
+        maximum=MAX_WINDOW,
+        help="bytes all streams of one tunnel together may have in flight towards this server",
+    )
+    resolver_threads: int = setting(
+        8, minimum=1, maximum=256, help="threads that resolve target names (the only blocking calls)"
     )
     max_payload: int = setting(
         DEFAULT_MAX_PAYLOAD,
@@ -86,6 +109,11 @@ class ServerConfig(Settings):
         minimum=MIN_PAYLOAD_LIMIT,
         maximum=MAX_WINDOW,
         help="bytes a peer may send on a stream before it must wait for a window update",
+    )
+    heartbeat_file: Path | None = setting(
+        None,
+        kind="path",
+        help="the event loop refreshes this file every 5 s; `fluidity-server --health-check` reads it",
     )
     log_level: LogLevel = setting("info", help="least severe log level written")
     log_file: Path | None = setting(

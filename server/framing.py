@@ -4,7 +4,8 @@ One module shared by the agent, the tunnel server and the Lambda handlers. It tu
 bytes into typed events and method calls into bytes, and keeps the per-connection and
 per-stream state (handshake, stream lifecycle, credit-based flow control). It never
 touches sockets, threads or clocks, so it can be fuzzed and reasoned about alone;
-the threaded I/O lives in ``server.tunnel_link``.
+the event-loop I/O lives in ``server.tunnel_session`` (server) and the threaded I/O in
+``server.tunnel_link`` (agent).
 
 Wire format: every frame is a 10-byte header ``type:u8 flags:u8 stream:u32 length:u32``
 followed by ``length`` payload bytes. Stream 0 carries connection-level frames.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,12 @@ HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 DEFAULT_INITIAL_WINDOW = 1024 * 1024
+#: What a receiver lets all streams of one tunnel have in flight together (as HTTP/2's
+#: connection window): the sum of stream buffers stays bounded whatever the stream count.
+DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
+#: Control frames the peer's input made us queue (OPEN_FAIL, RESET, WINDOW) may not pile up
+#: beyond this while the peer does not read them; PONGs are coalesced and never pile up.
+DEFAULT_MAX_CONTROL_BACKLOG = 256 * 1024
 #: Hard ceiling for any negotiated payload size, so a hostile peer cannot make us allocate gigabytes.
 MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
 MIN_PAYLOAD_LIMIT = 1024
@@ -50,6 +56,8 @@ class FrameType(enum.IntEnum):
 
 
 CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
+#: Frames that may be sent on stream 0 (connection-level) as well as on a stream.
+EITHER_LEVEL_FRAMES = frozenset({FrameType.WINDOW})
 
 
 class FailReason(enum.IntEnum):
@@ -77,6 +85,7 @@ class GoAwayReason(enum.IntEnum):
     VERSION_MISMATCH = 3
     INTERNAL = 4
     KEEPALIVE_TIMEOUT = 5
+    OVERLOAD = 6  # the peer made us queue more replies than it read
 
     @property
     def label(self) -> str:
@@ -164,6 +173,7 @@ class Hello:
     capabilities: tuple[str, ...] = ()
     max_payload: int = DEFAULT_MAX_PAYLOAD
     initial_window: int = DEFAULT_INITIAL_WINDOW
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
 
     def encode(self) -> bytes:
         body = {
@@ -173,6 +183,7 @@ class Hello:
             "capabilities": list(self.capabilities),
             "max_payload": self.max_payload,
             "initial_window": self.initial_window,
+            "connection_window": self.connection_window,
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -200,6 +211,7 @@ class Hello:
         caps = body.get("capabilities", [])
         max_payload = body.get("max_payload", DEFAULT_MAX_PAYLOAD)
         window = body.get("initial_window", DEFAULT_INITIAL_WINDOW)
+        connection_window = body.get("connection_window", MAX_WINDOW)
         if not isinstance(peer, str) or not isinstance(software, str):
             raise ProtocolError("HELLO peer and software must be strings")
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
@@ -208,7 +220,9 @@ class Hello:
             raise ProtocolError(f"HELLO max_payload {max_payload!r} is out of range")
         if not _is_int_in(window, 1, MAX_WINDOW):
             raise ProtocolError(f"HELLO initial_window {window!r} is out of range")
-        return cls(peer, software, protocol, tuple(caps), max_payload, window)
+        if not _is_int_in(connection_window, 1, MAX_WINDOW):
+            raise ProtocolError(f"HELLO connection_window {connection_window!r} is out of range")
+        return cls(peer, software, protocol, tuple(caps), max_payload, window, connection_window)
 
 
 def _is_int_in(value: object, low: int, high: int) -> bool:
@@ -398,9 +412,16 @@ class TunnelConnection:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     initial_window: int = DEFAULT_INITIAL_WINDOW
     capabilities: tuple[str, ...] = ()
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_control_backlog: int = DEFAULT_MAX_CONTROL_BACKLOG
     state: ConnectionState = ConnectionState.HANDSHAKE
     peer_hello: Hello | None = None
     _out: bytearray = field(default_factory=bytearray)
+    _pong: bytes | None = None  # the one PONG owed to the peer (later PINGs replace it)
+    _control_backlog: int = 0  # bytes of non-DATA frames queued since the last data_to_send()
+    _conn_send_credit: int = 0  # connection-level DATA bytes we may still send
+    _conn_recv_remaining: int = 0  # connection-level DATA bytes the peer may still send
+    _conn_unacked: int = 0
     _streams: dict[int, _Stream] = field(default_factory=dict)
     _decoder: FrameDecoder | None = None
     _next_stream_id: int = 1
@@ -414,7 +435,10 @@ class TunnelConnection:
             raise UsageError(f"max_payload must be {MIN_PAYLOAD_LIMIT}..{MAX_PAYLOAD_LIMIT}")
         if not 1 <= self.initial_window <= MAX_WINDOW:
             raise UsageError("initial_window out of range")
+        if not 1 <= self.connection_window <= MAX_WINDOW:
+            raise UsageError("connection_window out of range")
         self._decoder = FrameDecoder(self.max_payload)
+        self._conn_recv_remaining = self.connection_window
 
     # ----- outbound -------------------------------------------------------
 
@@ -429,19 +453,30 @@ class TunnelConnection:
             self.capabilities,
             self.max_payload,
             self.initial_window,
+            self.connection_window,
         )
         self._emit(FrameType.HELLO, 0, hello.encode())
         self._hello_sent = True
 
     def data_to_send(self) -> bytearray:
         """Hand over everything queued for the peer (the buffer itself: no copy)."""
+        if self._pong is not None:
+            self._out += HEADER.pack(FrameType.PONG, 0, 0, PING_LENGTH)
+            self._out += self._pong
+            self._pong = None
         out = self._out
         self._out = bytearray()
+        self._control_backlog = 0
         return out
 
     @property
     def pending_output(self) -> int:
-        return len(self._out)
+        return len(self._out) + (HEADER_SIZE + PING_LENGTH if self._pong is not None else 0)
+
+    @property
+    def connection_send_credit(self) -> int:
+        """DATA bytes all streams together may still send before the peer's connection window."""
+        return self._conn_send_credit
 
     @property
     def can_open_streams(self) -> bool:
@@ -483,22 +518,25 @@ class TunnelConnection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.state is not StreamState.OPEN or stream.local_fin:
             return 0
-        return stream.send_credit
+        return min(stream.send_credit, self._conn_send_credit)
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue as much of ``data`` as the stream's credit allows; returns the bytes taken."""
         stream = self._require(stream_id)
         if stream.state is not StreamState.OPEN or stream.local_fin:
             raise UsageError(f"stream {stream_id} is not open for sending")
         assert self.peer_hello is not None
         chunk = self.peer_hello.max_payload
-        taken = min(len(data), stream.send_credit)
+        taken = min(len(data), stream.send_credit, self._conn_send_credit)
         offset = 0
+        out = self._out
         while offset < taken:
             end = min(offset + chunk, taken)
-            self._emit(FrameType.DATA, stream_id, data[offset:end])
+            out += HEADER.pack(FrameType.DATA, 0, stream_id, end - offset)
+            out += data[offset:end]
             offset = end
         stream.send_credit -= taken
+        self._conn_send_credit -= taken
         return taken
 
     def end_stream(self, stream_id: int) -> None:
@@ -518,18 +556,32 @@ class TunnelConnection:
         self._emit(FrameType.RESET, stream_id, _encode_reason(reason, message))
 
     def acknowledge(self, stream_id: int, consumed: int) -> None:
-        """The application has consumed ``consumed`` received bytes: return credit to the peer.
+        """The application has consumed (or discarded) ``consumed`` received bytes: return credit.
 
-        Credit is returned in batches of a quarter window so WINDOW frames stay rare.
+        The connection-level credit always comes back, also for a stream that is gone (its
+        buffered data was dropped), or the tunnel's window would leak shut. Credit is
+        returned in batches of a quarter window so WINDOW frames stay rare.
         """
+        if consumed <= 0:
+            return
+        self._return_connection_credit(consumed)
         stream = self._streams.get(stream_id)
-        if stream is None or stream.remote_fin or consumed <= 0:
+        if stream is None or stream.remote_fin:
             return
         stream.unacked += consumed
         if stream.unacked >= max(1, self.initial_window // 4):
             self._emit(FrameType.WINDOW, stream_id, _U32.pack(stream.unacked))
             stream.recv_remaining += stream.unacked
             stream.unacked = 0
+
+    def _return_connection_credit(self, consumed: int) -> None:
+        self._conn_unacked += consumed
+        if self._conn_unacked >= max(1, self.connection_window // 4) and self.state is not (
+            ConnectionState.CLOSED
+        ):
+            self._emit(FrameType.WINDOW, 0, _U32.pack(self._conn_unacked))
+            self._conn_recv_remaining += self._conn_unacked
+            self._conn_unacked = 0
 
     def ping(self, opaque: bytes) -> None:
         if len(opaque) != PING_LENGTH:
@@ -564,6 +616,10 @@ class TunnelConnection:
             event = self._handle(frame)
             if event is not None:
                 events.append(event)
+        if self._control_backlog > self.max_control_backlog:
+            raise ProtocolError(
+                f"peer left {self._control_backlog} bytes of our replies unread", GoAwayReason.OVERLOAD
+            )
         return events
 
     @property
@@ -581,6 +637,7 @@ class TunnelConnection:
     def _emit(self, ftype: FrameType, stream_id: int, payload: bytes | memoryview = b"") -> None:
         self._out += HEADER.pack(ftype, 0, stream_id, len(payload))
         self._out += payload
+        self._control_backlog += HEADER_SIZE + len(payload)
 
     def _require(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)
@@ -602,13 +659,15 @@ class TunnelConnection:
             if frame.stream_id != 0:
                 raise ProtocolError(f"{ftype.name} must be on stream 0")
         elif frame.stream_id == 0:
+            if ftype in EITHER_LEVEL_FRAMES:
+                return self._on_connection_window(frame)
             raise ProtocolError(f"{ftype.name} must not be on stream 0")
         if ftype is FrameType.HELLO:
             raise ProtocolError("second HELLO")
         if ftype is FrameType.PING:
             if len(frame.payload) != PING_LENGTH:
                 raise ProtocolError("PING payload must be 8 bytes")
-            self._emit(FrameType.PONG, 0, frame.payload)
+            self._pong = frame.payload  # coalesced: a PING flood owes one PONG, not thousands
             return PingReceived(frame.payload)
         if ftype is FrameType.PONG:
             if len(frame.payload) != PING_LENGTH:
@@ -627,17 +686,12 @@ class TunnelConnection:
     def _on_hello(self, frame: Frame) -> Event:
         if frame.stream_id != 0:
             raise ProtocolError("HELLO must be on stream 0")
-        hello = Hello.decode(frame.payload)
-        if hello.protocol != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"peer speaks Fluidity protocol {hello.protocol} ({hello.peer} {hello.software}); "
-                f"this side speaks {PROTOCOL_VERSION}: upgrade the older side",
-                GoAwayReason.VERSION_MISMATCH,
-            )
+        hello = Hello.decode(frame.payload)  # refuses another protocol version itself
         expected = Role.SERVER if self.role is Role.AGENT else Role.AGENT
         if hello.peer != expected.value:
             raise ProtocolError(f"peer says it is {hello.peer!r}, expected {expected.value!r}")
         self.peer_hello = hello
+        self._conn_send_credit = hello.connection_window
         if self.state is ConnectionState.HANDSHAKE:
             self.state = ConnectionState.OPEN
         return HelloReceived(hello)
@@ -657,6 +711,18 @@ class TunnelConnection:
             return None
         return StreamOpenRequested(sid, host, port)
 
+    def _on_connection_window(self, frame: Frame) -> Event:
+        increment = _decode_window(frame.payload, self._conn_send_credit)
+        self._conn_send_credit += increment
+        return WindowOpened(0, increment)
+
+    def _consume_connection_window(self, sid: int, size: int) -> None:
+        if size > self._conn_recv_remaining:
+            raise ProtocolError(
+                f"stream {sid} sent {size} bytes with only {self._conn_recv_remaining} connection credit"
+            )
+        self._conn_recv_remaining -= size
+
     def _known_closed(self, sid: int) -> bool:
         """A frame for a stream that existed but is gone (reset race): drop it quietly."""
         if self.role is Role.SERVER:
@@ -671,6 +737,9 @@ class TunnelConnection:
             if self._known_closed(sid):
                 if ftype is FrameType.OPEN_FAIL:
                     _decode_reason(frame.payload, "OPEN_FAIL")
+                elif ftype is FrameType.DATA:  # in flight when we reset it: the credit comes back
+                    self._consume_connection_window(sid, len(frame.payload))
+                    self._return_connection_credit(len(frame.payload))
                 return None
             raise ProtocolError(f"{ftype.name} for unknown stream {sid}")
         if ftype is FrameType.OPEN_OK or ftype is FrameType.OPEN_FAIL:
@@ -698,6 +767,7 @@ class TunnelConnection:
                 raise ProtocolError(
                     f"stream {sid} sent {size} bytes with only {stream.recv_remaining} credit"
                 )
+            self._consume_connection_window(sid, size)
             stream.recv_remaining -= size
             return DataReceived(sid, frame.payload) if size else None
         if ftype is FrameType.FIN:
@@ -709,14 +779,19 @@ class TunnelConnection:
             self._maybe_forget(sid, stream)
             return StreamEnded(sid)
         if ftype is FrameType.WINDOW:
-            if len(frame.payload) != 4:
-                raise ProtocolError("WINDOW payload must be 4 bytes")
-            (increment,) = _U32.unpack(frame.payload)
-            if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
-                raise ProtocolError(f"WINDOW increment {increment} is invalid")
+            increment = _decode_window(frame.payload, stream.send_credit)
             stream.send_credit += increment
             return WindowOpened(sid, increment)
         raise ProtocolError(f"unexpected {ftype.name}")  # pragma: no cover - all types handled above
+
+
+def _decode_window(payload: bytes, credit: int) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("WINDOW payload must be 4 bytes")
+    (increment,) = _U32.unpack(payload)
+    if increment == 0 or credit + increment > MAX_WINDOW:
+        raise ProtocolError(f"WINDOW increment {increment} is invalid")
+    return increment
 
 
 # --------------------------------------------------------------------------- control plane
@@ -851,11 +926,6 @@ def parse_control_reply(http_status: int, body: bytes) -> ServerStatus | Control
     if http_status == 403:
         text = f"{text} (check the API key)"
     return ControlPlaneError(code, text, http_status)
-
-
-def iter_frames(frames: Iterable[Frame]) -> bytes:
-    """Encode several frames into one buffer (tests and tools)."""
-    return b"".join(encode_frame(f) for f in frames)
 
 
 # --------------------------------------------------------------------------- server metrics

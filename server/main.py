@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import logging
 import signal
+import ssl
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from server import __version__
 from server.config import ServerConfig
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fluidity tunnel server: accepts agents over mutual TLS 1.3 and relays their streams.",
     )
     parser.add_argument("--version", action="version", version=f"fluidity-server {__version__}")
+    parser.add_argument(
+        "--health-check",
+        action="store_true",
+        help="check that the server running with this config can take a tunnel (exit 0) or not (exit 1)",
+    )
     add_arguments(parser, ServerConfig)
     return parser
 
@@ -36,13 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fluidity-server: {exc}", file=sys.stderr)
         return 2
+    if args.health_check:
+        from server.health import health_problem
+
+        problem = health_problem(config)
+        print(f"fluidity-server: {problem or 'healthy'}", file=sys.stderr if problem else sys.stdout)
+        return 1 if problem else 0
     configure_logging(config.log_level, config.log_file)
     return run(config)
 
 
 def run(config: ServerConfig) -> int:
     from server.container_secrets import SecretError, write_pem_secrets
-    from server.tunnel_server import TunnelServer
+    from server.tls import server_context
 
     try:
         written = write_pem_secrets(config)
@@ -53,13 +65,37 @@ def run(config: ServerConfig) -> int:
     if written:
         log.info("certificates written from secrets", extra={"files": [str(path) for path in written]})
     try:
-        server = TunnelServer(config)
+        context = server_context(config.ca_file, config.cert_file, config.key_file)
     except TlsSetupError as exc:
         log.error("cannot start: %s", exc)
         print(f"fluidity-server: {exc}", file=sys.stderr)
         return 2
+    raise_open_file_limit()
+    return asyncio.run(serve(config, context))
+
+
+def raise_open_file_limit() -> None:
+    """Every tunnel and stream is a file descriptor: use what the hard limit allows (as Go does)."""
     try:
-        server.start()
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError):
+            pass
+
+
+async def serve(config: ServerConfig, context: ssl.SSLContext) -> int:
+    """Run the server on this loop until SIGTERM/SIGINT, then drain and stop."""
+    from server.tunnel_server import TunnelServer
+
+    server = TunnelServer(config, context=context)
+    try:
+        await server.start()
     except OSError as exc:
         message = f"cannot listen on {config.listen_address}:{config.listen_port}: {exc.strerror or exc}"
         log.error(message)
@@ -78,19 +114,19 @@ def run(config: ServerConfig) -> int:
         if publisher is not None:
             publisher.start()
 
-    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+    def on_signal(signum: int) -> None:
         log.info("signal received", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
-    server.shutdown()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await server.shutdown()
     if publisher is not None:
-        publisher.stop(final=True)
+        await loop.run_in_executor(None, functools.partial(publisher.stop, final=True))
     return 0
 
 

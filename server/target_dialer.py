@@ -9,11 +9,14 @@ tell the user whether the name, the network, the target or the policy said no.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import ipaddress
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,23 +129,18 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def dial_target(
-    host: str, port: int, *, policy: EgressPolicy, timeout: float, resolver: Resolver = socket.getaddrinfo
-) -> socket.socket:
-    """A connected, blocking TCP socket (TCP_NODELAY set) to ``host:port``; raises TargetDialError.
+def allowed_addresses(
+    host: str, port: int, *, policy: EgressPolicy, resolver: Resolver = socket.getaddrinfo
+) -> tuple[str, list[ResolvedAddress]]:
+    """The name to report and every resolved address of ``host`` the policy allows, in order.
 
-    ``timeout`` bounds the connection attempts after resolution, all addresses together;
-    name resolution itself is bounded by the system resolver's own timeouts.
+    Blocks in the resolver for a name (an event loop runs this on its executor).
     """
-    if timeout <= 0:
-        raise ValueError("timeout must be positive")
-    deadline = time.monotonic() + timeout
     port_refusal = policy.check_port(port)
     if port_refusal is not None:
         raise TargetDialError(FailReason.POLICY, port_refusal)
     name, numeric = normalize_host(host)
     addresses = resolve(name, port, numeric=numeric, resolver=resolver)
-
     allowed: list[ResolvedAddress] = []
     refusals: list[str] = []
     for address in addresses:
@@ -157,7 +155,37 @@ def dial_target(
         raise TargetDialError(
             FailReason.POLICY, f"{name} resolves only to refused addresses: {' / '.join(refusals)}"
         )
+    return name, allowed
 
+
+def needs_resolver(host: str) -> bool:
+    """True when ``host`` is a name (resolving it may block), False for an IP literal."""
+    candidate = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return True
+    return False
+
+
+def _dial_failure(name: str, port: int, failures: list[tuple[FailReason, str]]) -> TargetDialError:
+    reason = next(r for r in _FAILURE_PRECEDENCE if any(f[0] is r for f in failures))
+    details = "; ".join(text for _, text in failures)
+    return TargetDialError(reason, f"cannot connect to {name} port {port}: {details}")
+
+
+def dial_target(
+    host: str, port: int, *, policy: EgressPolicy, timeout: float, resolver: Resolver = socket.getaddrinfo
+) -> socket.socket:
+    """A connected, blocking TCP socket (TCP_NODELAY set) to ``host:port``; raises TargetDialError.
+
+    ``timeout`` bounds the connection attempts after resolution, all addresses together;
+    name resolution itself is bounded by the system resolver's own timeouts.
+    """
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    deadline = time.monotonic() + timeout
+    name, allowed = allowed_addresses(host, port, policy=policy, resolver=resolver)
     failures: list[tuple[FailReason, str]] = []
     for address in allowed:
         remaining = deadline - time.monotonic()
@@ -168,9 +196,61 @@ def dial_target(
             return _connect(address, remaining)
         except OSError as exc:
             failures.append((classify_connect_error(exc), f"{address} {_describe(exc)}"))
-    reason = next(r for r in _FAILURE_PRECEDENCE if any(f[0] is r for f in failures))
-    details = "; ".join(text for _, text in failures)
-    raise TargetDialError(reason, f"cannot connect to {name} port {port}: {details}")
+    raise _dial_failure(name, port, failures)
+
+
+async def dial_target_async(
+    host: str,
+    port: int,
+    *,
+    policy: EgressPolicy,
+    timeout: float,
+    executor: Executor | None = None,
+    resolver: Resolver = socket.getaddrinfo,
+) -> socket.socket:
+    """``dial_target`` for an event loop: a connected non-blocking socket; raises TargetDialError.
+
+    A name is resolved on ``executor`` (the loop's bounded pool for blocking calls); the
+    connection attempts never block the loop. ``timeout`` bounds the whole dial.
+    """
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if needs_resolver(host):
+        try:
+            async with asyncio.timeout(timeout):
+                name, allowed = await loop.run_in_executor(
+                    executor,
+                    functools.partial(allowed_addresses, host, port, policy=policy, resolver=resolver),
+                )
+        except TimeoutError:
+            raise TargetDialError(
+                FailReason.DNS, f"resolving {host!r} took longer than {timeout:g} s"
+            ) from None
+    else:
+        name, allowed = allowed_addresses(host, port, policy=policy, resolver=resolver)
+    failures: list[tuple[FailReason, str]] = []
+    for address in allowed:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            failures.append((FailReason.TIMEOUT, f"{address} not tried, time ran out"))
+            break
+        sock = socket.socket(address.family, socket.SOCK_STREAM, address.proto)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(remaining):
+                await loop.sock_connect(sock, address.sockaddr)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            failures.append((classify_connect_error(exc), f"{address} {_describe(exc)}"))
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise _dial_failure(name, port, failures)
 
 
 def _connect(address: ResolvedAddress, timeout: float) -> socket.socket:

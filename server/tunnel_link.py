@@ -356,6 +356,10 @@ class TunnelLink:
             if self._closed_reason is None and self._conn.is_open(stream.stream_id):
                 self._conn.reset_stream(stream.stream_id, reason, message)
                 self._writer_cond.notify()
+            if stream._buffered and self._closed_reason is None:
+                # Dropped unread: the tunnel's connection-level credit must still come back.
+                self._conn.acknowledge(stream.stream_id, stream._buffered)
+                self._writer_cond.notify()
             stream._buffer.clear()
             stream._buffered = 0
             if stream._error is None:  # wake any thread still blocked in recv/sendall
@@ -431,6 +435,9 @@ class TunnelLink:
             stream._buffer.append(data)
             stream._buffered += len(data)
             stream._cond.notify_all()
+        elif isinstance(event, WindowOpened) and event.stream_id == 0:
+            for stream in self._streams.values():  # connection credit: any stream may go on
+                stream._cond.notify_all()
         elif isinstance(event, WindowOpened | StreamOpened | StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is None:

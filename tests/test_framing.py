@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from server.framing import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
+    HEADER_SIZE,
     MAX_HELLO_LENGTH,
     MAX_MESSAGE_LENGTH,
     MAX_PAYLOAD_LIMIT,
@@ -54,7 +56,6 @@ from server.framing import (
     decode_open,
     encode_frame,
     encode_open,
-    iter_frames,
     parse_control_reply,
 )
 
@@ -81,6 +82,11 @@ def connect(
     assert [type(e) for e in deliver(agent, server)] == [HelloReceived]
     assert [type(e) for e in deliver(server, agent)] == [HelloReceived]
     return agent, server
+
+
+def iter_frames(frames: Iterable[Frame]) -> bytes:
+    """Several frames encoded into one buffer."""
+    return b"".join(encode_frame(f) for f in frames)
 
 
 def deliver(source: TunnelConnection, target: TunnelConnection) -> list[Event]:
@@ -919,6 +925,7 @@ def test_goaway_reason_labels() -> None:
         "version_mismatch",
         "internal",
         "keepalive_timeout",
+        "overload",
     ]
 
 
@@ -1116,3 +1123,90 @@ def test_parse_control_reply_never_raises_anything_but_format_error(status: int,
         assert isinstance(reply, ServerStatus | ControlPlaneError)
         if isinstance(reply, ControlPlaneError):
             assert reply.http_status == status and reply.error
+
+
+# ----------------------------------------------------------------------------- connection-level bounds
+
+
+def connect_with_connection_window(window: int) -> tuple[TunnelConnection, TunnelConnection]:
+    agent = TunnelConnection(Role.AGENT, "a", initial_window=window * 4, connection_window=window)
+    server = TunnelConnection(Role.SERVER, "s", initial_window=window * 4, connection_window=window)
+    agent.initiate()
+    server.initiate()
+    deliver(agent, server)
+    deliver(server, agent)
+    return agent, server
+
+
+def test_the_connection_window_bounds_all_streams_together() -> None:
+    agent, server = connect_with_connection_window(8192)
+    first = open_accepted(agent, server, "one.example")
+    second = open_accepted(agent, server, "two.example")
+    assert server.send_data(first, b"a" * 6000) == 6000
+    assert server.send_credit(second) == 2192  # the stream window is 32768, the tunnel's is the limit
+    assert server.send_data(second, b"b" * 6000) == 2192
+    assert server.send_credit(first) == 0
+    deliver(server, agent)
+    agent.acknowledge(first, 2048)  # a quarter of the connection window: it comes back at once
+    events = deliver(agent, server)
+    assert WindowOpened(0, 2048) in events
+    assert server.connection_send_credit == 2048
+
+
+def test_overrunning_the_connection_window_is_a_protocol_error() -> None:
+    agent, server = connect_with_connection_window(4096)
+    first = open_accepted(agent, server, "one.example")
+    second = open_accepted(agent, server, "two.example")
+    agent.receive_data(raw(FrameType.DATA, first, b"a" * 4000))
+    with pytest.raises(ProtocolError, match="only 96 connection credit"):
+        agent.receive_data(raw(FrameType.DATA, second, b"b" * 97))
+
+
+def test_credit_of_a_dropped_stream_returns_to_the_connection() -> None:
+    agent, server = connect_with_connection_window(4096)
+    sid = open_accepted(agent, server)
+    server.send_data(sid, b"x" * 4096)
+    deliver(server, agent)
+    agent.reset_stream(sid, FailReason.CANCELLED)
+    agent.acknowledge(sid, 4096)  # the buffered bytes were thrown away with the stream
+    frames = sent_frames(agent)
+    assert Frame(FrameType.WINDOW, 0, struct.pack(">I", 4096)) in frames
+
+
+def test_data_in_flight_for_a_reset_stream_gives_its_credit_back() -> None:
+    agent, server = connect_with_connection_window(4096)
+    sid = open_accepted(agent, server)
+    agent.reset_stream(sid, FailReason.CANCELLED)
+    agent.data_to_send()
+    assert agent.receive_data(raw(FrameType.DATA, sid, b"z" * 1024)) == []
+    assert sent_frames(agent) == [Frame(FrameType.WINDOW, 0, struct.pack(">I", 1024))]
+
+
+def test_a_ping_flood_owes_one_pong() -> None:
+    agent, server = connect()
+    flood = b"".join(raw(FrameType.PING, 0, i.to_bytes(8, "big")) for i in range(5000))
+    events = server.receive_data(flood)
+    assert len(events) == 5000
+    assert server.pending_output == HEADER_SIZE + 8
+    assert sent_frames(server) == [Frame(FrameType.PONG, 0, (4999).to_bytes(8, "big"))]
+
+
+def test_replies_the_peer_never_reads_are_bounded() -> None:
+    agent, server = connect()
+    server.max_control_backlog = 4096
+    opens = []
+    sid = 1
+    for _ in range(400):
+        opens.append(raw(FrameType.OPEN, sid, encode_open("example.com", 443)))
+        sid += 2
+    with pytest.raises(ProtocolError) as caught:
+        for frame in opens:
+            for event in server.receive_data(frame):
+                assert isinstance(event, StreamOpenRequested)
+                server.reject_stream(event.stream_id, FailReason.LIMIT, "too many streams")
+    assert caught.value.reason is GoAwayReason.OVERLOAD
+
+
+def test_hello_without_a_connection_window_means_no_connection_limit() -> None:
+    body = json.dumps({"protocol": 1, "peer": "agent", "software": "old"}).encode()
+    assert Hello.decode(body).connection_window == MAX_WINDOW

@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from desktop.http_head import (
+    NO_BODY,
+    BodyFraming,
     ChunkedBodyError,
     ChunkedScanner,
     HttpHeadError,
@@ -18,8 +20,10 @@ from desktop.http_head import (
     find_head_end,
     is_websocket_upgrade,
     leading_empty_line_bytes,
+    oversized_request_head,
     parse_request_head,
     parse_response_head,
+    relayable_response_head,
     render_error_response,
     request_body_framing,
     request_keeps_alive,
@@ -111,6 +115,23 @@ def test_too_many_header_fields_is_431() -> None:
 
 
 @pytest.mark.parametrize(
+    ("buffer", "status", "words"),
+    [
+        (b"GET http://a/" + b"x" * 100, 414, "URI too long"),  # no end of the request line yet
+        (b"\r\nGET http://a/" + b"x" * 100 + b" HTTP/1.1\r\n", 414, "request line is longer than 64"),
+        (b"GET http://a/ HTTP/1.1\r\nCookie: " + b"c" * 100, 431, "head is larger than 64 bytes"),
+        (b"GET http://a/" + b"x" * 30 + b" HTTP/1.1\r\nCookie: " + b"c" * 40, 431, "header fields too large"),
+    ],
+)
+def test_an_oversized_head_is_414_when_the_request_line_alone_is_too_long(
+    buffer: bytes, status: int, words: str
+) -> None:
+    error = oversized_request_head(buffer, 64)
+    assert error.status == status
+    assert words in error.message
+
+
+@pytest.mark.parametrize(
     "prefix", [b"\x16\x03\x01\x02\x00\x01", b"hello\x00", b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJ", b" GET"]
 )
 def test_obvious_garbage_is_refused_before_the_head_is_complete(prefix: bytes) -> None:
@@ -137,24 +158,36 @@ def test_response_head_parses_and_blames_upstream() -> None:
 
 def test_malformed_response_fields_that_cannot_change_framing_are_skipped() -> None:
     head = parse_response_head(
-        b"HTTP/1.1 200 OK\r\nServer : odd\r\nX-Ctl: a\x01b\r\nNo colon\r\nX-Fold: a\r\n b\r\n"
+        b"HTTP/1.1 200 OK\r\nServer : odd\r\nX-Ctl: a\x01b\r\nNo colon\r\nX-Keep: a\r\n"
         b"Content-Length: 5\r\n\r\n"
     )
-    assert head.headers == (("X-Fold", "a"), ("Content-Length", "5"))
+    assert head.headers == (("X-Keep", "a"), ("Content-Length", "5"))
 
 
 @pytest.mark.parametrize(
-    "field",
+    ("field", "words"),
     [
-        b"Content-Length : 5",
-        b"Transfer-Encoding\t: chunked",
-        b"Connection: clo\x00se",
-        b"Content-Length: 5\r\n 6",
+        (b"Content-Length : 5", "whitespace before the colon"),
+        (b"Transfer-Encoding\t: chunked", "whitespace before the colon"),
+        (b"Content-Length\x0b: 5", "header field name"),  # a lax client may ignore the stray byte
+        (b"Connection: clo\x00se", "NUL or bare CR"),
+        (b"Content-Length: 5\r\n 6", "folding"),
+        (b"X-Fold: a\r\n Content-Length: 0", "folding"),  # RFC 9112 §5.2: a proxy must not relay it
+        (b"X-Nul: a\x00b", "NUL or bare CR"),
+        (b"X-Cr: a\rContent-Length: 0", "NUL or bare CR"),  # a line break for some clients
     ],
 )
-def test_malformed_framing_fields_in_a_response_are_a_502(field: bytes) -> None:
+def test_response_lines_that_could_change_framing_for_someone_are_a_502(field: bytes, words: str) -> None:
     with pytest.raises(HttpHeadError) as caught:
-        parse_response_head(b"HTTP/1.1 200 OK\r\n" + field + b"\r\n\r\n")
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + field + b"\r\nContent-Length: 5\r\n\r\n")
+    assert caught.value.status == 502
+    assert words in caught.value.message
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 099 Low", b"HTTP/1.1 000 Zero"])
+def test_status_codes_below_100_are_a_502(status_line: bytes) -> None:
+    with pytest.raises(HttpHeadError) as caught:
+        parse_response_head(status_line + b"\r\n\r\n")
     assert caught.value.status == 502
 
 
@@ -272,6 +305,69 @@ def test_forward_head_drops_hop_by_hop_fields_and_those_named_by_connection() ->
     ]
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "Connection: content-length\nContent-Length: 5\n",
+        "Connection: keep-alive, Transfer-Encoding\nTransfer-Encoding: chunked\n",
+        "Connection: CONTENT-LENGTH, close\n",
+        "Connection: close\nConnection: host\n",
+        "Connection: \t transfer-encoding \t\n",
+    ],
+)
+def test_a_connection_option_naming_a_framing_field_or_host_is_a_400(fields: str) -> None:
+    """Issue 9: dropping the named field would let the origin see a different body boundary."""
+    with pytest.raises(HttpHeadError) as caught:
+        request(f"POST http://a/ HTTP/1.1\nHost: a\n{fields}\n")
+    assert caught.value.status == 400
+    assert "Connection" in caught.value.message and "framing" in caught.value.message
+
+
+def test_forward_head_never_drops_a_framing_field_even_for_an_unchecked_head() -> None:
+    head = RequestHead(
+        headers=(("Connection", "content-length"), ("Content-Length", "5")),
+        method="POST",
+        target="http://a/",
+        version="HTTP/1.1",
+    )
+    with pytest.raises(HttpHeadError) as caught:
+        build_forward_head(head, classify_target(head), client_keeps_alive=True)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ("Content-Length: 5, 5\nX-A: 1\ncontent-length: 5\n", ["Content-Length: 5", "X-A: 1"]),
+        ("content-length: 007\n", ["content-length: 7"]),
+        (
+            "Transfer-Encoding: gzip\nX-A: 1\nTransfer-Encoding: Chunked\n",
+            ["Transfer-Encoding: gzip, chunked", "X-A: 1"],
+        ),
+        ("transfer-encoding: , CHUNKED\n", ["transfer-encoding: chunked"]),
+    ],
+)
+def test_forward_head_states_the_framing_once_and_canonically(fields: str, expected: list[str]) -> None:
+    """An origin that reads only the first field, or compares case-sensitively, still agrees."""
+    assert forwarded(f"POST http://a/ HTTP/1.1\n{fields}\n")[2:-2] == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [
+        ("Transfer-Encoding: \xa0chunked", "chunked"),  # str.strip() would have made this chunked
+        ("Transfer-Encoding: chunked\x85", "chunked"),
+        ("Content-Length: \xa05", "invalid Content-Length"),
+    ],
+)
+def test_only_spaces_and_tabs_are_trimmed_from_framing_values(field: str, words: str) -> None:
+    with pytest.raises(HttpHeadError) as caught:
+        request_body_framing(request(f"POST http://a/ HTTP/1.1\n{field}\n\n"))
+    assert caught.value.status == 400
+    assert words in caught.value.message
+    assert request_keeps_alive(request("GET http://a/ HTTP/1.1\nConnection: \xa0close\n\n"))
+
+
 def test_forward_head_states_the_connection_intent() -> None:
     assert "Connection: close" in forwarded("GET http://a/ HTTP/1.1\nConnection: close\n\n")
     assert "Connection: keep-alive" in forwarded("GET http://a/ HTTP/1.0\nConnection: keep-alive\n\n")
@@ -381,10 +477,37 @@ def test_response_body_framing(method: str, status_line: str, fields: str, kind:
     assert (framing.kind, framing.length) == (kind, length)
 
 
-def test_bad_response_content_length_is_a_502() -> None:
-    response = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+def test_a_connection_option_never_changes_response_framing() -> None:
+    """The response head is relayed as is, so a framing field a Connection option names still counts."""
+    head = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n")
+    assert response_body_framing("GET", head) == BodyFraming("length", 5)
+    raw = b"HTTP/1.1 200 OK\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert response_body_framing("GET", parse_response_head(raw)) == BodyFraming("chunked")
+    assert response_body_framing("HEAD", parse_response_head(raw)) == NO_BODY
+    assert relayable_response_head(raw, parse_response_head(raw)) is raw
+
+
+def test_content_length_is_removed_from_a_relayed_head_that_also_has_transfer_encoding() -> None:
+    """RFC 9112 §6.3: a client trusting the length would split the response elsewhere."""
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nServer: s\r\nTransfer-Encoding: chunked\r\n"
+        b"content-length : 3\r\n\r\n"
+    )
+    with pytest.raises(HttpHeadError):
+        parse_response_head(raw)  # "content-length :" is a 502 of its own
+    raw = raw.replace(b"content-length : 3", b"CONTENT-LENGTH: 3")
+    head = parse_response_head(raw)
+    assert response_body_framing("GET", head) == BodyFraming("chunked")
+    assert relayable_response_head(raw, head) == (
+        b"HTTP/1.1 200 OK\r\nServer: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("chunked", ["", "Transfer-Encoding: chunked\r\n"])
+def test_bad_response_content_length_is_a_502(chunked: str) -> None:
+    raw = f"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n{chunked}Content-Length: 2\r\n\r\n".encode()
     with pytest.raises(HttpHeadError) as caught:
-        response_body_framing("GET", response)
+        response_body_framing("GET", parse_response_head(raw))
     assert caught.value.status == 502
 
 

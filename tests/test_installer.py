@@ -78,6 +78,10 @@ def test_every_frozen_subcommand_runs_its_program() -> None:
         assert bundle_main.resolve(argv) == (PROGRAMS[program], ["--flag"])
 
 
+def test_doctor_goes_to_the_tray_program_which_owns_that_subcommand() -> None:
+    assert bundle_main.resolve(["doctor", "--json"]) == (PROGRAMS["fluidity"], ["doctor", "--json"])
+
+
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert bundle_main.main(["agnet", "--config", "x.yaml"]) == 2
     err = capsys.readouterr().err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from lambdas.local_gateway import LocalGateway
+from lambdas.local_gateway import GatewayLimits, LocalGateway
+from lambdas.packaging import build_bundle
 from server.framing import ControlPlaneError, ServerState, ServerStatus, parse_control_reply
 
 if TYPE_CHECKING:
@@ -22,11 +26,20 @@ if TYPE_CHECKING:
 
 API_KEY = "k3y-0f-40-characters-like-api-gateway-ok"
 ROOT = Path(__file__).resolve().parent.parent
+#: Small bounds so a stalled client is cut quickly; each test's raw socket waits far longer.
+FAST = GatewayLimits(read_timeout=0.5, max_head_bytes=2048, max_body_bytes=4096, max_connections=4)
+WAIT = 10.0
 
 
 @pytest.fixture
 def gateway(moto_server: MotoEndpoint, cloud: FluidityCloud) -> Iterator[LocalGateway]:
     with LocalGateway(API_KEY, env=moto_server.env()) as running:
+        yield running
+
+
+@pytest.fixture
+def fast_gateway(moto_server: MotoEndpoint, cloud: FluidityCloud) -> Iterator[LocalGateway]:
+    with LocalGateway(API_KEY, env=moto_server.env(), limits=FAST) as running:
         yield running
 
 
@@ -111,7 +124,8 @@ def test_an_empty_api_key_is_refused() -> None:
 def test_command_line_gateway_serves_until_stopped(moto_server: MotoEndpoint, cloud: FluidityCloud) -> None:
     env = {**os.environ, **moto_server.env(), "NO_PROXY": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "lambdas.local_gateway", "--api-key", API_KEY, "--port", "0"],
+        [sys.executable, "-m", "lambdas.local_gateway", "--api-key", API_KEY, "--port", "0"]
+        + ["--read-timeout", "0.5", "--max-connections", "4"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -127,6 +141,10 @@ def test_command_line_gateway_serves_until_stopped(moto_server: MotoEndpoint, cl
         assert call("POST", f"{url}/wake", "nope").status_code == 403
         status = parsed(call("POST", f"{url}/wake"))
         assert isinstance(status, ServerStatus) and status.desired_count == 1
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=WAIT) as stalled:
+            stalled.sendall(b"POST /prod/wake HTTP/1.1\r\n")
+            assert read_all(stalled).startswith(b"HTTP/1.1 408 ")  # --read-timeout took effect
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -148,3 +166,195 @@ def test_command_line_reports_a_busy_port(moto_server: MotoEndpoint) -> None:
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+# --------------------------------------------------------------------------- raw sockets and bounds
+
+
+def address(gateway: LocalGateway) -> tuple[str, int]:
+    host, port = gateway.url.split("//")[1].split("/")[0].split(":")
+    return host, int(port)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the gateway sends until it closes the connection (the test fails if it never does)."""
+    sock.settimeout(WAIT)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange(gateway: LocalGateway, raw: bytes) -> bytes:
+    with socket.create_connection(address(gateway), timeout=WAIT) as sock:
+        sock.sendall(raw)
+        return read_all(sock)
+
+
+def still_serves(gateway: LocalGateway) -> None:
+    assert call("GET", f"{gateway.url}/status").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("sent", "what"),
+    [
+        (b"POST /prod/wake HTTP/1.1\r\nHost: x\r\nx-api-key: ", "head"),
+        (b'POST /prod/wake HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"a"', "body"),
+    ],
+    ids=["partial-head", "short-body"],
+)
+def test_a_stalled_client_gets_408_and_is_closed_while_others_are_served(
+    fast_gateway: LocalGateway, cloud: FluidityCloud, sent: bytes, what: str
+) -> None:
+    with socket.create_connection(address(fast_gateway), timeout=WAIT) as stalled:
+        stalled.sendall(sent)
+        still_serves(fast_gateway)  # while the stalled client holds its connection
+        answer = read_all(stalled)  # returns only because the gateway closes it
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"Connection: close" in answer
+    assert f"the request {what} did not arrive within 0.5 s".encode() in answer
+    still_serves(fast_gateway)
+    assert cloud.describe_service()["desiredCount"] == 0
+
+
+def test_a_client_dripping_its_head_is_cut_at_the_deadline(fast_gateway: LocalGateway) -> None:
+    """The timeout bounds the whole head, not each read: one byte per 0.1 s gains nothing."""
+    with socket.create_connection(address(fast_gateway), timeout=WAIT) as drip:
+        drip.sendall(b"GET /prod/status HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < WAIT:
+                drip.sendall(b"a")
+                time.sleep(0.1)
+        except OSError:  # the gateway closed the connection
+            pass
+        answer = read_all(drip)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    still_serves(fast_gateway)
+
+
+def test_an_idle_keep_alive_connection_is_closed_silently(fast_gateway: LocalGateway) -> None:
+    with socket.create_connection(address(fast_gateway), timeout=WAIT) as idle:
+        idle.sendall(f"GET /prod/status HTTP/1.1\r\nHost: x\r\nx-api-key: {API_KEY}\r\n\r\n".encode())
+        answer = read_all(idle)  # the 200, then nothing more once the connection sat idle
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1, answer
+
+
+@pytest.mark.parametrize(
+    ("transfer_encoding", "status"),
+    [("chunked", 411), ("gzip, chunked", 501), ("gzip", 400)],
+)
+def test_a_chunked_body_is_refused_with_one_clean_reply(
+    fast_gateway: LocalGateway, cloud: FluidityCloud, transfer_encoding: str, status: int
+) -> None:
+    """Before, the chunk-size line was read as a second request and answered with stray HTML."""
+    answer = exchange(
+        fast_gateway,
+        f"POST /prod/wake HTTP/1.1\r\nHost: x\r\nx-api-key: {API_KEY}\r\n"
+        f"Transfer-Encoding: {transfer_encoding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(),
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"<html" not in answer.lower()
+    assert b"Connection: close" in head and b"Content-Type: application/json" in head
+    assert b'"message"' in body
+    if status == 411:
+        assert b"send a Content-Length" in body
+    assert cloud.describe_service()["desiredCount"] == 0
+    still_serves(fast_gateway)
+
+
+def test_transfer_encoding_with_content_length_is_refused(fast_gateway: LocalGateway) -> None:
+    answer = exchange(
+        fast_gateway,
+        f"POST /prod/wake HTTP/1.1\r\nHost: x\r\nx-api-key: {API_KEY}\r\n"
+        "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"both Transfer-Encoding and Content-Length" in answer
+
+
+def test_two_api_key_headers_are_a_400_not_last_one_wins(
+    fast_gateway: LocalGateway, cloud: FluidityCloud
+) -> None:
+    for first, second in ((API_KEY, API_KEY), ("wrong", API_KEY), (API_KEY, "wrong")):
+        answer = exchange(
+            fast_gateway,
+            f"POST /prod/wake HTTP/1.1\r\nHost: x\r\nx-api-key: {first}\r\nX-Api-Key: {second}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"x-amzn-ErrorType: BadRequestException" in answer
+        assert b"the x-api-key header appears more than once" in answer
+    assert cloud.describe_service()["desiredCount"] == 0
+
+
+def test_an_oversized_head_is_refused_with_431(fast_gateway: LocalGateway) -> None:
+    answer = exchange(fast_gateway, b"GET /prod/status HTTP/1.1\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    still_serves(fast_gateway)
+
+
+def test_a_body_over_the_limit_is_refused_with_413(fast_gateway: LocalGateway) -> None:
+    answer = exchange(
+        fast_gateway,
+        f"POST /prod/wake HTTP/1.1\r\nx-api-key: {API_KEY}\r\nContent-Length: 4097\r\n\r\n".encode()
+        + b"x" * 4097,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    still_serves(fast_gateway)
+
+
+def test_pipelined_requests_and_an_expected_continue_are_answered_in_order(
+    fast_gateway: LocalGateway,
+) -> None:
+    one = f"GET /prod/status HTTP/1.1\r\nHost: x\r\nx-api-key: {API_KEY}\r\n\r\n".encode()
+    two = (
+        f"POST /prod/nope HTTP/1.1\r\nx-api-key: {API_KEY}\r\nContent-Length: 2\r\n"
+        "Connection: close\r\n\r\n{}"
+    )
+    answer = exchange(fast_gateway, one + two.encode())
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.count(b"HTTP/1.1 404 ") == 1
+    with socket.create_connection(address(fast_gateway), timeout=WAIT) as sock:
+        sock.sendall(
+            f"POST /prod/kill HTTP/1.1\r\nx-api-key: {API_KEY}\r\nContent-Length: 2\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"{}")
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_connections_over_the_limit_get_503_and_the_listener_keeps_accepting(
+    moto_server: MotoEndpoint, cloud: FluidityCloud
+) -> None:
+    limits = GatewayLimits(read_timeout=WAIT, max_connections=2)
+    with LocalGateway(API_KEY, env=moto_server.env(), limits=limits) as gateway:
+        holders = [socket.create_connection(address(gateway), timeout=WAIT) for _ in range(2)]
+        try:
+            for holder in holders:
+                holder.sendall(b"GET /prod/status HTTP/1.1\r\n")  # partial heads hold both slots
+            deadline = time.monotonic() + WAIT
+            while gateway.open_connections < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for _ in range(3):  # refused at once, again and again: the listener never stops
+                answer = exchange(
+                    gateway, f"GET /prod/status HTTP/1.1\r\nx-api-key: {API_KEY}\r\n\r\n".encode()
+                )
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert b"Retry-After: 1" in answer and b"too many connections" in answer
+        finally:
+            holders.pop().close()
+        deadline = time.monotonic() + WAIT
+        while gateway.open_connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        still_serves(gateway)
+        holders[0].close()
+
+
+def test_the_lambda_zip_leaves_the_local_gateway_out() -> None:
+    bundle = build_bundle(ROOT)
+    assert "lambdas/local_gateway.py" not in bundle.members
+    assert "lambdas/handlers.py" in bundle.members
+    with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
+        assert not [name for name in archive.namelist() if "local_gateway" in name]

@@ -537,10 +537,67 @@ def test_conflicting_body_framing_gets_400(proxy: LocalProxy, origin_a: OriginSe
     assert_error(head, body, 400, "Transfer-Encoding and Content-Length")
 
 
-def test_oversized_head_gets_431(proxy: LocalProxy, origin_a: OriginServer) -> None:
-    big = f"GET {origin_a.url('/echo')} HTTP/1.1\r\nX-Big: {'a' * 70_000}\r\n\r\n".encode()
-    head, body = exchange(proxy, big)
-    assert_error(head, body, 431, "larger than 65536 bytes")
+#: A whole second request, hidden in the body of the first.
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "framing", "body"),
+    [
+        ("content-length", f"Content-Length: {len(SMUGGLED)}", SMUGGLED),
+        ("Content-Length, close", f"Content-Length: {len(SMUGGLED)}", SMUGGLED),
+        (
+            "keep-alive, Transfer-Encoding",
+            "Transfer-Encoding: chunked",
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+        ),
+        ("host", f"Content-Length: {len(SMUGGLED)}", SMUGGLED),
+    ],
+)
+def test_smuggling_through_a_connection_option_gets_400_and_nothing_reaches_the_origin(
+    proxy: LocalProxy, option: str, framing: str, body: bytes
+) -> None:
+    """Issue 9: dropping the framing field a Connection option names would forward a POST with
+    no length, so the origin would read the body as a second request whose response the
+    client's next request would get. Instead the request is refused before anything is dialled."""
+    with ScriptedOrigin([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]) as origin:
+        url = f"http://127.0.0.1:{origin.port}"
+        with raw_client(proxy) as sock:
+            fields = f"Host: 127.0.0.1\r\nConnection: {option}\r\n{framing}\r\n"
+            sock.sendall(
+                f"POST {url}/upload HTTP/1.1\r\n{fields}\r\n".encode()
+                + body
+                + f"GET {url}/next HTTP/1.1\r\n\r\n".encode()
+            )
+            head, text = read_http_response(sock)
+            assert_error(head, text, 400, "Connection header names", "framing")
+            assert sock.recv(65536) == b"", "nothing after the refusal is served"
+        # The origin's first (and only) connection is this later, honest request.
+        assert exchange(proxy, f"GET {url}/legit HTTP/1.1\r\n\r\n".encode())[1] == b"ok"
+    assert [request.split(b"\r\n")[0] for request in origin.requests] == [b"GET /legit HTTP/1.1"]
+    assert b"smuggled" not in b"".join(origin.requests)
+
+
+def test_a_64_kib_uri_gets_414(proxy: LocalProxy, origin_a: OriginServer) -> None:
+    head, body = exchange(proxy, f"GET {origin_a.url('/echo/')}{'a' * 65536} HTTP/1.1\r\n\r\n".encode())
+    assert_error(head, body, 414, "URI too long", "request line is longer than 65536 bytes")
+    assert b"Proxy-Status: fluidity; error=http_request_error" in head
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "words"),
+    [
+        ("/echo", f"X-Big: {'a' * 70_000}\r\n", "larger than 65536 bytes"),
+        ("/echo", "".join(f"Cookie-{i}: {'c' * 60}\r\n" for i in range(1200)), "larger than 65536 bytes"),
+        (f"/echo/{'u' * 60_000}", f"Cookie: {'c' * 10_000}\r\n", "header fields too large"),
+        ("/echo", "".join(f"X-{i}: {i}\r\n" for i in range(150)), "too many header fields"),
+    ],
+)
+def test_oversized_header_block_gets_431(
+    proxy: LocalProxy, origin_a: OriginServer, path: str, fields: str, words: str
+) -> None:
+    head, body = exchange(proxy, f"GET {origin_a.url(path)} HTTP/1.1\r\n{fields}\r\n".encode())
+    assert_error(head, body, 431, words)
 
 
 def test_slow_head_gets_408_and_the_timer_covers_the_whole_head(
@@ -734,6 +791,42 @@ def test_broken_upstream_responses_are_a_502(proxy: LocalProxy, reply: bytes, wo
     with ScriptedOrigin([reply]) as origin:
         head, body = exchange(proxy, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode())
     assert_error(head, body, 502, words)
+
+
+def test_a_connection_option_cannot_unframe_a_response(proxy: LocalProxy) -> None:
+    """The response head is relayed as is: its Content-Length still ends the body, so the client
+    connection stays in step and carries the next exchange."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+    ]
+    with ScriptedOrigin(replies) as origin, raw_client(proxy) as sock:
+        pending = bytearray()
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/1 HTTP/1.1\r\n\r\n".encode())
+        head, body = read_http_response(sock, pending)
+        assert (b"Content-Length: 5" in head, body) == (True, b"hello")
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/2 HTTP/1.1\r\n\r\n".encode())
+        assert read_http_response(sock, pending)[1] == b"next"
+
+
+def test_content_length_beside_transfer_encoding_is_not_relayed(proxy: LocalProxy) -> None:
+    """RFC 9112 §6.3: the proxy frames by Transfer-Encoding, so a client must not see a length to trust."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+    ]
+    with ScriptedOrigin(replies) as origin, raw_client(proxy) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/1 HTTP/1.1\r\n\r\n".encode())
+        received = bytearray()
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed early after {bytes(received)!r}"
+            received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+        assert body == b"5\r\nhello\r\n0\r\n\r\n"
+        sock.sendall(f"GET http://127.0.0.1:{origin.port}/2 HTTP/1.1\r\n\r\n".encode())
+        assert read_http_response(sock)[1] == b"next"
 
 
 # --------------------------------------------------------------------------- lifecycle

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from tunnel_fixtures import free_port
 
 from lambdas.local_gateway import LocalGateway
 from server.metrics import MetricsPublisher, MetricsSnapshot
@@ -28,6 +31,9 @@ if TYPE_CHECKING:
 
 API_KEY = "runbook-test-key-0123456789abcdefghijklm"
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+#: docs/lambda.md's bash block for running the runbook's curl lines against the local gateway.
+LOCAL_RUN = re.compile(r"^### The runbook's curl lines, locally$.*?^```bash$\n(.*?)^```$", re.M | re.S)
 pytestmark = pytest.mark.skipif(
     shutil.which("aws", path=str(BIN)) is None or shutil.which("curl") is None,
     reason="needs the aws CLI (test extra) and curl",
@@ -148,3 +154,49 @@ def test_metrics_are_visible_to_the_runbooks_get_metric_statistics(moto_server: 
         END=(now + timedelta(minutes=5)).isoformat(),
     )
     assert with_dimension == "3.0"
+
+
+def json_replies(text: str) -> list[dict[str, object]]:
+    """The JSON objects in a script's output, in order (curl prints them without newlines)."""
+    decoder, found, position = json.JSONDecoder(), [], text.find("{")
+    while position >= 0:
+        reply, end = decoder.raw_decode(text, position)
+        found.append(reply)
+        position = text.find("{", end)
+    return found
+
+
+def test_the_documented_local_run_of_the_runbooks_curl_lines_works_as_written() -> None:
+    """docs/lambda.md's block, run by bash: moto, the gateway's command line, then the runbook's lines."""
+    match = LOCAL_RUN.search((ROOT / "docs" / "lambda.md").read_text(encoding="utf-8"))
+    assert match is not None, "docs/lambda.md lost its local-run block"
+    script = match.group(1)
+    assert 'curl -X POST "$API_URL/wake" \\\n  -H "x-api-key: $API_KEY"' in script  # the runbook's spelling
+    moto_port, gateway_port = free_port(), free_port()
+    script = (
+        script.replace("$PWD/.venv/bin", str(BIN))
+        .replace("127.0.0.1:5000", f"127.0.0.1:{moto_port}")
+        .replace("-p 5000", f"-p {moto_port}")
+        .replace("8787", str(gateway_port))
+    )
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("AWS_")}
+    process = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + script],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so a hung run can be stopped with its background programs
+    )
+    try:
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, err
+    woken, killed = [reply for reply in json_replies(out) if "logger" not in reply]  # not the handlers' logs
+    assert (woken["state"], woken["desired_count"]) == ("starting", 1)
+    assert "ACTIVE\t1\t1" in out
+    assert (killed["state"], killed["desired_count"]) == ("stopped", 0)

@@ -160,6 +160,7 @@ def test_menu_has_every_entry_with_connect_as_the_default(local_tray: Tray) -> N
         "Start at login",
         "Open log",
         "Open config",
+        "Diagnose…",
         "Quit",
     ]
     assert not local_tray.item("Disconnected").enabled
@@ -289,6 +290,27 @@ def test_open_log_and_open_config_create_what_is_missing(local_tray: Tray) -> No
     config_path.write_text("lifecycle: static\n")
     local_tray.click("Open config")
     assert config_path.read_text() == "lifecycle: static\n"  # an existing file is never replaced
+
+
+def test_diagnose_runs_the_doctor_off_the_ui_thread_and_opens_its_report(
+    local_tray: Tray, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    local_tray.click("Diagnose…")
+    report = local_tray.app.log_path.with_name("doctor.txt")
+    assert local_tray.desktop.opened == [report]
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith(f"Fluidity doctor: {local_tray.app.config_path}\n")
+    assert "INFO  certificates.files" in text and "lifecycle local creates them on Connect" in text
+    assert any(n.startswith("Summary: ") and n.endswith("no problems found.") for n in notifications(caplog))
+
+    port = local_tray.controller.config.listen_port
+    with socket.create_server(("127.0.0.1", port)):  # another program holds the proxy port
+        local_tray.click("Diagnose…")
+    assert "FAIL  local.proxy_port" in report.read_text(encoding="utf-8")
+    problem = notifications(caplog)[-1]
+    assert f"local.proxy_port: 127.0.0.1:{port} is in use by another program" in problem
+    assert "Fix: stop that program" in problem
 
 
 def test_quit_disconnects_stops_the_local_server_and_ends_the_loop(local_tray: Tray) -> None:
