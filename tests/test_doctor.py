@@ -60,6 +60,13 @@ FUNCTIONS = ("fluidity-wake", "fluidity-status", "fluidity-kill", "fluidity-slee
 # ----------------------------------------------------------------------------- fixtures and seeding
 
 
+@pytest.fixture(scope="module", autouse=True)
+def leave_moto_empty(moto_server: MotoEndpoint) -> Iterator[None]:
+    """moto keeps its state per process: leave nothing behind for the next module."""
+    yield
+    moto_server.reset()
+
+
 @pytest.fixture(scope="module")
 def server(pki: Pki) -> Iterator[ServerProcess]:
     """One real tunnel server for the module (the doctor only ever makes short probes)."""
@@ -693,7 +700,7 @@ def test_fluidity_doctor_and_agent_doctor_print_the_report(
         [str(BIN / "fluidity"), "doctor", "--config", str(settings), "--aws", "--public-ip", MY_ADDRESS],
         moto_server,
     )
-    assert shown.returncode in (0, 1), shown.stderr
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0] == f"Fluidity doctor: {settings}"
     assert any(line.startswith("PASS  server.hello") and "Connected to server in" in line for line in lines)
