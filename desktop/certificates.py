@@ -267,7 +267,7 @@ def server_dns_names(names: Iterable[str] | None = None) -> list[str]:
     """Validated DNS names for the server certificate, always including SERVER_TLS_NAME."""
     chosen = [n.strip().lower() for n in names] if names else list(DEFAULT_SERVER_NAMES)
     for name in chosen:
-        if _is_ip(name):
+        if is_ip_address(name):
             raise CertificateError(f"server name {name!r} is an IP address; pass it with --server-ip")
         if not _HOSTNAME.match(name):
             raise CertificateError(f"server name {name!r} is not a valid DNS name")
@@ -286,7 +286,7 @@ def server_ip_addresses(ips: Iterable[str] | None = None) -> list[IPAddress]:
     return list(dict.fromkeys(parsed))
 
 
-def _is_ip(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -158,16 +158,6 @@ def allowed_addresses(
     return name, allowed
 
 
-def needs_resolver(host: str) -> bool:
-    """True when ``host`` is a name (resolving it may block), False for an IP literal."""
-    candidate = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(candidate)
-    except ValueError:
-        return True
-    return False
-
-
 def _dial_failure(name: str, port: int, failures: list[tuple[FailReason, str]]) -> TargetDialError:
     reason = next(r for r in _FAILURE_PRECEDENCE if any(f[0] is r for f in failures))
     details = "; ".join(text for _, text in failures)
@@ -217,7 +207,7 @@ async def dial_target_async(
         raise ValueError("timeout must be positive")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    if needs_resolver(host):
+    if not normalize_host(host)[1]:  # a name: resolving it may block
         try:
             async with asyncio.timeout(timeout):
                 name, allowed = await loop.run_in_executor(

@@ -144,10 +144,6 @@ class TunnelServer:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     def stats(self) -> ServerStats:
         """Safe to call from another thread (the metrics publisher)."""
         tunnels = list(self._tunnels.values())
@@ -297,7 +293,6 @@ class TunnelServer:
         hello = session.peer_hello
         assert hello is not None
         if len(self._tunnels) >= self.config.max_tunnels:
-            session.refused = True
             session.close(f"more than {self.config.max_tunnels} tunnels", goaway=GoAwayReason.OVERLOAD)
             return
         self._tunnels[session.name] = session
@@ -398,12 +393,17 @@ class TunnelServer:
         """Refresh the heartbeat file: proves to the health check that the loop runs and accepts."""
         path = self.config.heartbeat_file
         assert path is not None and self._loop is not None
-        body = json.dumps({"time": time.time(), "accepting": self._accepting, **self._counts()})
+        stats = self.stats()
+        body = json.dumps(
+            {
+                "time": time.time(),
+                "accepting": self._accepting,
+                "tunnels": stats.active_tunnels,
+                "handshakes": stats.handshakes,
+            }
+        )
         self._loop.run_in_executor(self._resolver, _write_atomically, path, body)
         self._heartbeat = self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
-
-    def _counts(self) -> dict[str, int]:
-        return {"tunnels": len(self._tunnels), "handshakes": len(self._handshaking)}
 
 
 def _write_atomically(path: Path, body: str) -> None:

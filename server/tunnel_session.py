@@ -58,14 +58,8 @@ SessionHandler = Callable[["TunnelSession"], None]
 ClosedHandler = Callable[["TunnelSession", str], None]
 
 
-class _ScratchBuffer:
-    """The one read buffer of the loop: a read is framed (copied into the output) before the next."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_SIZE))
-
-
-_SCRATCH = _ScratchBuffer()
+#: The one read buffer of the loop: each read is framed (copied into the output) before the next.
+_SCRATCH = memoryview(bytearray(READ_SIZE))
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -111,11 +105,11 @@ class StreamRelay(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         allowance = self.session.read_allowance(self.stream_id)
         if allowance <= 0:  # credit went to another stream since we were last told: spill
-            return _SCRATCH.view[:4096]
-        return _SCRATCH.view[: min(allowance, READ_SIZE)]
+            return _SCRATCH[:4096]
+        return _SCRATCH[: min(allowance, READ_SIZE)]
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = _SCRATCH.view[:nbytes]
+        data = _SCRATCH[:nbytes]
         self.last_activity = self.session.loop.time()
         if self._pending:
             self._pending += data
@@ -211,10 +205,6 @@ class StreamRelay(asyncio.BufferedProtocol):
             self._reading = True
             self.transport.resume_reading()
         return True
-
-    @property
-    def idle_since(self) -> float:
-        return self.last_activity
 
     # ----- internals ------------------------------------------------------------
 
@@ -440,9 +430,7 @@ class TunnelSession(asyncio.Protocol):
                 return
         self._write_tls()
         if self._blocked and not self._write_paused:
-            for relay in list(self._blocked):
-                if relay.unblock():
-                    self._blocked.discard(relay)
+            self._wake_all()
             if self.conn.pending_output and self._flush_handle is None:
                 self._flush_handle = self.loop.call_soon(self.flush)
 
@@ -458,7 +446,7 @@ class TunnelSession(asyncio.Protocol):
             done = self.tls.handshake()
         except TlsError as exc:
             self._write_tls()  # the alert tells the peer why
-            self._refuse(str(exc))
+            self._finish(str(exc))
             return
         self._write_tls()
         if done:
@@ -575,7 +563,7 @@ class TunnelSession(asyncio.Protocol):
             return
         now = self.loop.time()
         if self.peer_hello is None and now - self._started >= self.handshake_timeout:
-            self._refuse(f"no TLS handshake and HELLO within {self.handshake_timeout:g} s")
+            self._finish(f"no TLS handshake and HELLO within {self.handshake_timeout:g} s")
             return
         if now - self.last_received >= self.dead_after:
             self._finish(f"no sign of life from the peer for {self.dead_after:g} s")
@@ -586,23 +574,16 @@ class TunnelSession(asyncio.Protocol):
             self._schedule_flush()
         if self.stream_idle_timeout > 0:
             limit = self.stream_idle_timeout
-            for relay in [r for r in self.relays.values() if now - r.idle_since >= limit]:
+            for relay in [r for r in self.relays.values() if now - r.last_activity >= limit]:
                 self.reset_stream(relay.stream_id, FailReason.TIMEOUT, f"stream idle for {limit:g} s")
         self._arm_timer()
 
     # ----- teardown -------------------------------------------------------------------
 
-    def _refuse(self, reason: str) -> None:
-        """Fail before authentication: the owner logs it (or not, for a silent probe)."""
-        self._finish(reason, refused=True)
-
-    refused = False
-
-    def _finish(self, reason: str, *, graceful: bool = False, refused: bool = False) -> None:
+    def _finish(self, reason: str, *, graceful: bool = False) -> None:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
-        self.refused = refused or self.peer_hello is None
         self.conn.close()
         if self._timer is not None:
             self._timer.cancel()

@@ -9,7 +9,6 @@ tunnel enforces when it loads a key), never from a second implementation.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -285,7 +284,7 @@ def check_server_name(
 ) -> CheckResult:
     """The server certificate carries ``server_name`` (else: the runbook's "mTLS certificate mismatch")."""
     name = config.server_name
-    is_ip = _is_ip(name)
+    is_ip = certificates.is_ip_address(name)
     server_crt = files.get(certificates.SERVER_CERT)
     if server_crt is None:
         if is_ip:
@@ -320,14 +319,6 @@ def check_server_name(
     return failed(
         "certificates.server_name", detail + ": the TLS handshake will fail (mTLS certificate mismatch)", fix
     )
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- local proxy port
