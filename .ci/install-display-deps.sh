@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the tray end-to-end test needs: a virtual X display, a tray host, a D-Bus
-# session with a notification daemon, screenshot/click tools and PyGObject for pystray's
-# gtk backend. Safe to run repeatedly; prints only on failure.
+# Installs what the desktop tests need: a virtual X display, a tray host, a D-Bus session
+# with a notification daemon, screenshot/click tools and PyGObject for pystray's gtk
+# backend; GSettings on dconf and KDE's kwriteconfig5 for the system proxy backends; node
+# to run the generated PAC file; headless Chromium for the proxy's browser tests.
+# Safe to run repeatedly; prints only on failure.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -10,6 +12,8 @@ VENV_PYTHON="${VENV_PYTHON:-.venv/bin/python}"
 APT_PACKAGES=(
   xvfb trayer x11-utils xdotool imagemagick dbus-x11 dunst desktop-file-utils curl
   libgirepository1.0-dev libcairo2-dev pkg-config gir1.2-gtk-3.0 gir1.2-ayatanaappindicator3-0.1
+  dbus libglib2.0-bin dconf-gsettings-backend dconf-service gsettings-desktop-schemas libkf5config-bin
+  chromium
 )
 
 SUDO=""
@@ -26,6 +30,9 @@ done
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+
+# Any node will do for evaluating the PAC file; Debian's only when there is none.
+command -v node >/dev/null || missing+=(nodejs)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if ! { $SUDO apt-get update -qq && \

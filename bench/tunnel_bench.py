@@ -376,6 +376,7 @@ class FluidityStack:
             "--listen-address", LOOPBACK, "--listen-port", str(self.proxy_port),
             "--ca-file", str(pki / "ca.crt"), "--cert-file", str(pki / "client.crt"),
             "--key-file", str(pki / "client.key"),
+            "--bypass", "",  # the origin is on loopback: measure it through the tunnel
             "--log-level", "warning",
             *self.agent_extra,
         ]  # fmt: skip

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from desktop.config import AgentConfig
+from desktop.direct import DirectDialer, RoutingDialer
 from desktop.lifecycle.base import Endpoint
 from desktop.proxy import LocalProxy
 from desktop.tunnel_client import LinkObserver, LinkState, TunnelClient
@@ -43,13 +44,19 @@ class Agent:
             if self._proxy is not None:
                 raise RuntimeError("agent already started")
             client = TunnelClient(self.config, on_state=self._on_link_change)
-            proxy = LocalProxy(
-                client,
+            rules = self.config.bypass_rules()
+            dialer = RoutingDialer(client, rules, DirectDialer(timeout=self.config.connect_timeout))
+            proxy = LocalProxy(  # on the same event loop as the tunnel client
+                dialer,
                 self.config.listen_address,
                 self.config.listen_port,
                 max_header_bytes=self.config.max_header_bytes,
                 header_timeout=self.config.header_timeout,
                 idle_timeout=self.config.idle_timeout,
+                max_connections=self.config.max_connections,
+                pac_rules=rules,
+                pac_fallback_direct=self.config.pac_fallback_direct,
+                loop_thread=client.loop_thread,
             )
             proxy.start()
             client.start(endpoint)

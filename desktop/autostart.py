@@ -12,6 +12,7 @@ import plistlib
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -36,8 +37,9 @@ class Autostart(Protocol):
     def describe(self) -> str: ...
 
 
-def launch_command(config_path: Path | None = None) -> list[str]:
-    """The command line the login entry runs: this installation's ``fluidity --background``."""
+def launch_command(config_path: Path | None = None, flags: Sequence[str] = ()) -> list[str]:
+    """The command line the login entry runs: this installation's ``fluidity --background``,
+    with the settings file and the setting flags the tray itself was started with."""
     command = command_for("fluidity")
     if not is_frozen() and sys.platform == "win32":
         # pythonw.exe runs the tray without opening a console window at every login.
@@ -47,6 +49,7 @@ def launch_command(config_path: Path | None = None) -> list[str]:
     command.append(BACKGROUND_FLAG)
     if config_path is not None:
         command += ["--config", str(Path(config_path).resolve())]
+    command += flags
     return command
 
 

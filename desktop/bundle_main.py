@@ -22,16 +22,28 @@ SUBCOMMANDS = {sub: PROGRAMS[program] for program, sub in FROZEN_SUBCOMMANDS.ite
 #: What runs when no subcommand is given.
 DEFAULT_MODULE = PROGRAMS["fluidity"]
 #: Subcommands of the tray program itself (``fluidity doctor``), passed on to it whole.
-TRAY_SUBCOMMANDS = ("doctor",)
+TRAY_SUBCOMMANDS = ("doctor", "usage")
+#: Shows the tray's own options (``--help`` lists the commands).
+HELP_TRAY = "--help-tray"
 
 USAGE = f"""\
-usage: fluidity [TRAY OPTIONS]          the tray app (fluidity --help-tray lists its options)
-       fluidity agent  [OPTIONS]        headless agent: wake the server, run the local proxy
-       fluidity server [OPTIONS]        tunnel server
-       fluidity certs  COMMAND ...      create, check and move certificates
-       fluidity local  [OPTIONS]        tunnel server and proxy on this machine, no AWS needed
-       fluidity doctor [OPTIONS]        check the set-up: one PASS/WARN/FAIL line per check, with the fix
-       fluidity --version
+usage: fluidity [COMMAND] [OPTIONS]
+
+Fluidity, a personal on-demand tunnel. Without a command it is the tray app.
+
+examples:
+  fluidity                         the tray icon: Connect wakes your server, Disconnect stops it
+  fluidity local                   tunnel server and proxy on this machine, no AWS account needed
+
+commands:
+  fluidity [TRAY OPTIONS]          the tray app ({HELP_TRAY} lists its options)
+  fluidity agent  [OPTIONS]        headless agent: wake the server, run the local proxy
+  fluidity server [OPTIONS]        tunnel server
+  fluidity certs  COMMAND ...      create, check and move certificates
+  fluidity local  [OPTIONS]        tunnel server and proxy on this machine, no AWS needed
+  fluidity doctor [OPTIONS]        check the set-up: one PASS/WARN/FAIL line per check, with the fix
+  fluidity usage  [OPTIONS]        this month's server time, traffic and cost
+  fluidity --version
 
 Each command has its own --help, e.g. fluidity agent --help.
 Commands: {", ".join([*SUBCOMMANDS, *TRAY_SUBCOMMANDS])}.
@@ -48,9 +60,7 @@ def resolve(argv: Sequence[str]) -> tuple[str, list[str]]:
     if args and not args[0].startswith("-"):
         choices = ", ".join([*SUBCOMMANDS, *TRAY_SUBCOMMANDS])
         raise ValueError(f"unknown command {args[0]!r}; choose one of: {choices}")
-    if args[:1] == ["--help-tray"]:
-        return DEFAULT_MODULE, ["--help", *args[1:]]
-    return DEFAULT_MODULE, args
+    return DEFAULT_MODULE, args  # the tray program itself reads --help-tray
 
 
 def restore_library_path(environ: MutableMapping[str, str]) -> None:

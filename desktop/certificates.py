@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.config_loader import default_cert_dir
+from server.config_loader import default_cert_dir, program_parser
 from server.tls import key_file_problem
 
 CA_CERT = "ca.crt"
@@ -909,8 +909,15 @@ def _positive_days(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Create, check and move Fluidity's mTLS certificates."
+    parser = program_parser(
+        PROG,
+        "Create, check and move Fluidity's mTLS certificates. `fluidity-certs COMMAND --help` "
+        "lists the options of each command.",
+        (
+            f"{PROG} init --dir ./certs                             CA, server and client certificates",
+            f"{PROG} import client-bundle.zip --dir {default_cert_dir()}",
+        ),
+        usage=f"{PROG} COMMAND [--dir DIR] [OPTIONS]",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

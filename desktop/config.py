@@ -10,6 +10,8 @@ from typing import Literal
 
 import platformdirs
 
+from desktop.bypass import DEFAULT_BYPASS, BypassRuleError, BypassRules
+from desktop.usage import DEFAULT_PRICE_PER_GB_OUT, DEFAULT_PRICE_PER_HOUR
 from server.config_loader import (
     APP_NAME,
     FieldError,
@@ -20,6 +22,7 @@ from server.config_loader import (
     setting,
 )
 from server.framing import (
+    DEFAULT_CONNECTION_WINDOW,
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_PAYLOAD,
     MAX_PAYLOAD_LIMIT,
@@ -27,9 +30,11 @@ from server.framing import (
     MIN_PAYLOAD_LIMIT,
     TUNNEL_PORT,
 )
-from server.json_logging import LogLevel
+from server.json_logging import LogFormat, LogLevel
 
 Lifecycle = Literal["static", "local", "lambda", "ecs"]
+#: ``system_proxy``: leave the OS proxy alone, set host and port, or point it at the PAC file.
+SystemProxyMode = Literal["off", "manual", "pac"]
 
 #: Backends that start a server on demand, and so should stop it when the agent goes away.
 ON_DEMAND_LIFECYCLES = frozenset({"lambda", "ecs"})
@@ -43,6 +48,11 @@ def default_agent_config_path() -> Path:
 def default_log_path() -> Path:
     """Where the tray app writes its log when log_file is not set."""
     return platformdirs.user_log_path(APP_NAME, appauthor=False) / "fluidity.log"
+
+
+def system_proxy_state_path() -> Path:
+    """The OS proxy settings Fluidity replaced, kept until they are restored (crash safety)."""
+    return platformdirs.user_state_path(APP_NAME, appauthor=False) / "system-proxy.json"
 
 
 #: The agent grants the server a bigger window than the server grants the agent: downloads
@@ -65,6 +75,21 @@ class AgentConfig(Settings):
     )
     listen_address: str = setting("127.0.0.1", help="address the local proxy binds")
     listen_port: int = setting(8080, kind="port", minimum=0, help="local proxy port (0 = any free port)")
+    system_proxy: SystemProxyMode | None = setting(
+        None,
+        help="point the OS proxy at the agent while connected, and restore it after: off, manual or pac "
+        "(unset = manual in the tray, off for fluidity-agent)",
+    )
+    bypass: list[str] = setting(
+        default_factory=lambda: list(DEFAULT_BYPASS),
+        kind="host_pattern",
+        help="destinations dialed directly, not through the tunnel: names (localhost, *.corp.example, .lan), "
+        "networks (192.168.0.0/16, fd00::/8) and <local> (names without a dot); [] = tunnel everything",
+    )
+    pac_fallback_direct: bool = setting(
+        False,
+        help="the PAC file lets browsers go DIRECT while the agent is down (off: they fail, nothing leaks)",
+    )
     ca_file: Path = setting(
         default_factory=lambda: default_cert_dir() / "ca.crt",
         kind="path",
@@ -93,6 +118,9 @@ class AgentConfig(Settings):
     )
     header_timeout: float = duration("10s", help="how long a client may take to send its request head")
     idle_timeout: float = duration("60s", help="close a proxied connection idle for this long")
+    max_connections: int = setting(
+        4096, minimum=1, help="client connections the proxy serves at once; more are closed at once"
+    )
     max_payload: int = setting(
         DEFAULT_MAX_PAYLOAD,
         minimum=MIN_PAYLOAD_LIMIT,
@@ -105,9 +133,18 @@ class AgentConfig(Settings):
         maximum=MAX_WINDOW,
         help="bytes the server may send on a stream before it must wait for a window update",
     )
+    connection_window: int = setting(
+        DEFAULT_CONNECTION_WINDOW,
+        minimum=MIN_PAYLOAD_LIMIT,
+        maximum=MAX_WINDOW,
+        help="bytes all streams of the tunnel together may have in flight towards this agent",
+    )
     log_level: LogLevel = setting("info", help="least severe log level written")
     log_file: Path | None = setting(
         None, kind="path", help="write logs here, rotated at 1 MiB (tray default: the user log folder)"
+    )
+    log_format: LogFormat = setting(
+        "auto", help="auto = short lines on a terminal, JSON in files and pipes; json or text forces one"
     )
     lifecycle: Lifecycle = setting(
         "static",
@@ -130,6 +167,19 @@ class AgentConfig(Settings):
     local_server_config: Path | None = setting(
         None, kind="path", help="server settings file the local lifecycle starts the server with"
     )
+    price_per_hour: float = setting(
+        DEFAULT_PRICE_PER_HOUR,
+        minimum=0,
+        help="USD per hour the server runs (Fargate 0.25 vCPU + 0.5 GB + public IPv4, us-east-1)",
+    )
+    price_per_gb_out: float = setting(
+        DEFAULT_PRICE_PER_GB_OUT, minimum=0, help="USD per GB of traffic leaving AWS (us-east-1)"
+    )
+    monthly_budget: float | None = setting(
+        None,
+        minimum=0,
+        help="USD a month: a notice at 80 %, at 100 % disconnect and stop the server (unset or 0 = none)",
+    )
 
     def validate(self) -> None:
         for key in ("server_name", "listen_address"):
@@ -150,6 +200,10 @@ class AgentConfig(Settings):
                     "lifecycle 'lambda' needs the control-plane API key; "
                     "set it in the file or in FLUIDITY_API_KEY",
                 )
+        try:
+            BypassRules.parse(self.bypass)
+        except BypassRuleError as error:
+            raise FieldError("bypass", str(error)) from None
         if self.initial_window < self.max_payload:
             raise FieldError(
                 "initial_window",
@@ -184,6 +238,13 @@ class AgentConfig(Settings):
         if self.kill_on_disconnect is not None:
             return self.kill_on_disconnect
         return self.lifecycle in ON_DEMAND_LIFECYCLES
+
+    def effective_system_proxy(self, program_default: SystemProxyMode) -> SystemProxyMode:
+        """system_proxy, or the program's default (the tray: manual; fluidity-agent: off)."""
+        return self.system_proxy if self.system_proxy is not None else program_default
+
+    def bypass_rules(self) -> BypassRules:
+        return BypassRules.parse(self.bypass)
 
 
 def _is_loopback(address: str) -> bool:

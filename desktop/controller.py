@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from desktop.config import AgentConfig
-from desktop.lifecycle.base import Endpoint, LifecycleError, ServerLifecycle, WakeCancelled
+from desktop.lifecycle.base import Endpoint, LifecycleError, ServerLifecycle, WakeCancelled, WakeRefused
 from desktop.tunnel_client import LinkObserver, LinkState
 from server.framing import ServerStatus
 from server.tls import TlsSetupError, client_context
@@ -121,6 +121,8 @@ class SessionFailed:
     session: int
     code: str
     message: str
+    #: Stop the server? None = as on Disconnect; False = nothing was started; True = budget.
+    stop_server: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,7 @@ def advance(snap: Snapshot, event: Event, policy: Policy, now: float) -> tuple[S
     if not snap.busy:
         return snap, ()
     if isinstance(event, SessionFailed):
+        stop = policy.kill_on_disconnect if event.stop_server is None else event.stop_server
         return (
             replace(
                 snap,
@@ -232,7 +235,7 @@ def advance(snap: Snapshot, event: Event, policy: Policy, now: float) -> tuple[S
                 stopping=True,
             ),
             # Release the proxy port and, when we may have started the server, stop paying for it.
-            (StopSession(snap.session, policy.kill_on_disconnect),),
+            (StopSession(snap.session, stop),),
         )
     if isinstance(event, WakeProgress):
         if snap.state is not State.WAKING:
@@ -340,6 +343,21 @@ def missing_certificates(config: AgentConfig) -> list[Path]:
     return [path for path in (config.ca_file, config.cert_file, config.key_file) if not path.is_file()]
 
 
+def missing_certificates_message(missing: list[Path], *, tray: bool = True) -> str:
+    """What is missing, where it was looked for, and what fixes it (a menu item or a command)."""
+    folders = sorted({str(path.parent) for path in missing})
+    folder = folders[0] if len(folders) == 1 else "FOLDER"
+    if tray:
+        names = ", ".join(path.name for path in missing)
+        where = f" in {folder}" if len(folders) == 1 else ""
+        return f"missing {names}{where}: import a certificate bundle (Certificates > Import bundle…)"
+    return (
+        f"no certificate at {', '.join(str(path) for path in missing)}; run "
+        f"`fluidity-certs import BUNDLE --dir {folder}` (the bundle made where the CA was created), "
+        f"or on the first machine `fluidity-certs init --dir {folder}`"
+    )
+
+
 class Controller:
     """Runs the state machine: public methods return at once, network work runs on a worker."""
 
@@ -358,6 +376,7 @@ class Controller:
             can_rewake=lifecycle.name != "static",
         )
         self._agent_factory = agent_factory
+        self._next_lifecycle: ServerLifecycle | None = None
         self._snapshot = Snapshot(proxy_address=(config.listen_address, config.listen_port))
         self._lock = threading.Lock()
         self._dispatch = threading.Lock()
@@ -413,6 +432,32 @@ class Controller:
         except Exception:
             log.exception("closing the lifecycle backend failed")
         return finished
+
+    def reconfigure(self, config: AgentConfig, lifecycle: ServerLifecycle | None = None) -> None:
+        """Use reloaded settings: sessions started from now on read ``config``.
+
+        A new backend (``lifecycle``) takes over only once no session is going on, so the server
+        the current session woke is stopped through the backend that woke it.
+        """
+        self.config = config
+        self.policy = Policy(
+            kill_on_disconnect=config.effective_kill_on_disconnect(),
+            can_rewake=(lifecycle or self.lifecycle).name != "static",
+        )
+        if lifecycle is not None:
+            self._jobs.put(lambda: self._swap_lifecycle(lifecycle))
+
+    def _swap_lifecycle(self, lifecycle: ServerLifecycle) -> None:
+        snap = self.snapshot()
+        if snap.busy or self._current_agent() is not None:
+            self._next_lifecycle = lifecycle  # the session's own stop job swaps it in
+            return
+        old, self.lifecycle, self._next_lifecycle = self.lifecycle, lifecycle, None
+        if old is not lifecycle:
+            try:
+                old.close()
+            except Exception:
+                log.exception("closing the previous lifecycle backend failed")
 
     def post(self, event: Event) -> None:
         """Feed one event through ``advance``; notify observers and start effects in order."""
@@ -470,14 +515,7 @@ class Controller:
             return
         config = self.config
         if not rewake and self.lifecycle.name != "local" and (missing := missing_certificates(config)):
-            names = ", ".join(path.name for path in missing)
-            self.post(
-                SessionFailed(
-                    session,
-                    "no_certificates",
-                    f"missing {names}: import a certificate bundle (Certificates > Import bundle)",
-                )
-            )
+            self.post(SessionFailed(session, "no_certificates", missing_certificates_message(missing)))
             return
         if not rewake and self.lifecycle.name != "local":
             try:  # a key readable by others or a broken PEM is refused before waking (and paying)
@@ -492,6 +530,9 @@ class Controller:
                 on_progress=lambda status, elapsed: self.post(WakeProgress(session, status, elapsed)),
             )
         except WakeCancelled:
+            return
+        except WakeRefused as error:  # nothing was started, so there is nothing to stop
+            self.post(SessionFailed(session, error.code, error.message, stop_server=False))
             return
         except LifecycleError as error:
             self.post(SessionFailed(session, error.code, error.message))
@@ -517,12 +558,12 @@ class Controller:
                 return
             except OSError as error:
                 address = f"{config.listen_address}:{config.listen_port}"
+                reason = error.strerror or str(error)
+                if not reason.startswith("cannot listen on"):  # the proxy may have said it already
+                    reason = f"cannot listen on {address}: {reason}"
                 self.post(
                     SessionFailed(
-                        session,
-                        "port_in_use",
-                        f"cannot listen on {address}: {error.strerror or error} "
-                        "(is another proxy or Fluidity instance running?)",
+                        session, "port_in_use", f"{reason} (is another proxy or Fluidity instance running?)"
                     )
                 )
                 return
@@ -535,6 +576,7 @@ class Controller:
         if cancel.is_set():
             return
         why = agent.stats().last_error or "no answer"
+        why = why.removeprefix(f"cannot reach {endpoint}: ")  # the sentence below names the server
         self.post(
             SessionFailed(
                 session,
@@ -559,10 +601,14 @@ class Controller:
                 log.info("server stop requested", extra={"server_state": status.state.value})
             except LifecycleError as error:
                 kill_error = error.message
-                log.error("could not stop the server: %s", error.message)
+                # After a failed session the user has its cause; this one is for the log.
+                after_failure = self.snapshot().state is State.ERROR
+                (log.warning if after_failure else log.error)("could not stop the server: %s", error.message)
             except Exception as error:
                 kill_error = str(error)
                 log.exception("could not stop the server")
+        if self._next_lifecycle is not None:  # settings reloaded during the session
+            self._swap_lifecycle(self._next_lifecycle)
         self.post(SessionStopped(session, kill_error))
 
     def _watch_agent(self) -> None:

@@ -3,7 +3,8 @@
 A tray icon has no window of its own, so these go through whatever the platform offers
 (xdg-open/open/startfile, xclip/wl-copy/pbcopy/clip, zenity/kdialog/osascript or a tkinter
 dialog in a child process) without adding dependencies. Every function reports failure
-instead of raising, so a missing tool becomes a notification, not a crash.
+instead of raising, so a missing tool becomes a notification, not a crash; only
+``run_tool``, for settings tools whose failure the caller must act on, raises.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from desktop.launch import command_for
@@ -28,25 +30,86 @@ CHOOSER_TIMEOUT = 600.0
 CHOOSE_FILE_FLAG = "--choose-file"
 
 
-def open_path(path: Path) -> str | None:
-    """Open ``path`` with the user's default application; None on success, else why not."""
+#: How long an opener gets to fail before its silence counts as success (xdg-open returns
+#: once the application is started, or stays while a terminal program shows the file).
+OPENER_CHECK = 3.0
+#: xdg-open's documented exit codes.
+_XDG_OPEN_CODES = {
+    1: "bad command line",
+    2: "the file does not exist",
+    3: "no application is set up to open it (a required tool was not found)",
+    4: "the application failed to open it",
+}
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for an opener that outlived the check, so it does not linger as a zombie."""
+    try:
+        process.communicate()
+    except Exception:  # the pipe may already be closed; the wait is what matters
+        process.wait()
+
+
+def open_path(path: Path, *, check_for: float = OPENER_CHECK) -> str | None:
+    """Open ``path`` with the user's default application; None on success, else why not.
+
+    Blocks up to ``check_for`` seconds to see whether the opener fails, so call it off the
+    UI thread; an opener still running after that is waited for on a daemon thread.
+    """
     try:
         if sys.platform == "win32":
             os.startfile(path)  # type: ignore[attr-defined]  # Windows only
             return None
         opener = "open" if sys.platform == "darwin" else shutil.which("xdg-open")
         if opener is None:
-            return f"no xdg-open to open {path}"
-        subprocess.Popen(
+            return f"no xdg-open to open {path} (install xdg-utils)"
+        process = subprocess.Popen(
             [opener, str(path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
     except OSError as error:
         return f"cannot open {path}: {error}"
-    return None
+    try:
+        _out, err = process.communicate(timeout=check_for)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=_reap, args=(process,), name="opener-reaper", daemon=True).start()
+        return None
+    if process.returncode == 0:
+        return None
+    name = Path(opener).name
+    said = " ".join(err.decode("utf-8", "replace").split())[:200]
+    why = _XDG_OPEN_CODES.get(process.returncode, "") if name == "xdg-open" else ""
+    detail = "; ".join(part for part in (why, said) if part)
+    return f"{name} could not open {path} (exit code {process.returncode}{': ' + detail if detail else ''})"
+
+
+class ToolFailed(Exception):
+    """A command-line tool could not run or exited non-zero; the message names it and says why."""
+
+
+def run_tool(
+    argv: Sequence[str], *, timeout: float = QUICK_TIMEOUT, env: Mapping[str, str] | None = None
+) -> str:
+    """Run a settings tool (gsettings, kwriteconfig5, networksetup...) and return its output."""
+    try:
+        completed = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ToolFailed(f"{argv[0]} failed: {error}") from None
+    if completed.returncode != 0:
+        why = completed.stderr.strip() or completed.stdout.strip() or "no output"
+        raise ToolFailed(f"{' '.join(argv[:2])} exited with {completed.returncode}: {why}")
+    return completed.stdout
 
 
 def _clipboard_commands() -> list[list[str]]:

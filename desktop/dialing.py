@@ -15,5 +15,5 @@ __all__ = ["DIAL_FAILURE_LABELS", "ByteStream", "DialError", "Dialer", "StreamCl
 
 
 class Dialer(Protocol):
-    def dial(self, host: str, port: int) -> ByteStream:
-        """Open a stream to ``host:port`` through the tunnel or raise DialError."""
+    async def dial(self, host: str, port: int) -> ByteStream:
+        """Open a stream to ``host:port`` (on the event loop) or raise DialError."""

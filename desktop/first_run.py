@@ -7,6 +7,7 @@ the embedded local server and explains, in comments, how to switch to the cloud 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 FIRST_RUN_CONFIG = """\
@@ -41,6 +42,12 @@ server_port: 8443
 # The local proxy: point your browser or system proxy at 127.0.0.1:8080.
 # listen_address: 127.0.0.1
 # listen_port: 8080
+# While connected, point the OS proxy at it (off, manual or pac; the tray's "Use as system
+# proxy"); your own settings come back on Disconnect and Quit.
+# system_proxy: manual
+# Dialed directly, never through the tunnel ([] = everything through the tunnel):
+# bypass: [localhost, 127.0.0.0/8, "::1/128", 169.254.0.0/16, "fe80::/10", 10.0.0.0/8,
+#          172.16.0.0/12, 192.168.0.0/16, "fc00::/7", "<local>"]
 
 # Certificates (default: the per-user certificates folder; see Certificates > Open folder).
 # ca_file: /path/to/ca.crt
@@ -49,6 +56,25 @@ server_port: 8443
 
 # log_level: info
 """
+
+
+def set_setting(path: Path, key: str, value: str) -> None:
+    """Set the top-level ``key: value`` line of a settings file, keeping every other line.
+
+    A menu choice (the system proxy checkbox) is saved where the user would edit it by hand;
+    comments and the order of lines stay as they were.
+    """
+    write_first_run_config(path)
+    text = path.read_text(encoding="utf-8")
+    line = f"{key}: {value}"
+    pattern = re.compile(rf"^{re.escape(key)}[ \t]*:.*$", re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _match: line, text, count=1)
+    else:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += line + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def write_first_run_config(path: Path) -> bool:

@@ -609,6 +609,20 @@ def render_error_response(
     return head + body if include_body else head
 
 
+def render_file_response(
+    body: bytes, content_type: str, *, keep_alive: bool, include_body: bool = True
+) -> bytes:
+    """``200 OK`` with ``body``: what the proxy serves itself (the PAC file)."""
+    fields = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("Connection", "keep-alive" if keep_alive else "close"),
+    ]
+    head = _render_head("HTTP/1.1 200 OK", fields)
+    return head + body if include_body else head
+
+
 # --------------------------------------------------------------------------- chunked bodies
 
 

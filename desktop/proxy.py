@@ -1,28 +1,32 @@
-"""The local forward proxy: HTTP, HTTPS via CONNECT and WebSocket, one thread per client.
+"""The local forward proxy: HTTP, HTTPS via CONNECT and WebSocket, on the agent's event loop.
 
 Browsers and tools on this machine talk plain HTTP proxy protocol to 127.0.0.1; every
 upstream connection is opened through an injected ``Dialer`` (in the product, a stream
 on the multiplexed mTLS tunnel). The proxy never resolves or connects to targets
 itself, so what may be reached is decided in one place: the tunnel server.
 
-Bodies are relayed verbatim in large blocks; the proxy only tracks framing so one
-client connection can carry many requests. Every failure the client can still be told
-about becomes a real HTTP response naming the cause.
+Each client connection is one ``ClientExchange`` coroutine; bodies are relayed verbatim
+in large blocks and the proxy only tracks framing, so one client connection can carry
+many requests. After CONNECT or a WebSocket upgrade over the tunnel, the client socket
+is handed to a ``StreamRelay`` and costs no coroutine hops. Every failure the client can
+still be told about becomes a real HTTP response naming the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
-import selectors
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
+from desktop.bypass import BypassRules
 from desktop.dialing import ByteStream, Dialer, DialError, StreamClosedError
+from desktop.event_loop import LoopThread, shared_loop
 from desktop.http_head import (
     DEFAULT_MAX_HEAD_BYTES,
     DEFAULT_MAX_HEADER_COUNT,
@@ -45,13 +49,16 @@ from desktop.http_head import (
     parse_response_head,
     relayable_response_head,
     render_error_response,
+    render_file_response,
     request_body_framing,
     request_keeps_alive,
     response_body_framing,
     response_keeps_alive,
 )
-from server.relay import relay
-from server.worker_pool import WorkerPool
+from desktop.pac import PAC_CONTENT_TYPE, PAC_PATH, render_pac
+from desktop.socket_stream import SocketStream
+from desktop.socks import ConnectRequest, ProxyProtocol, Refused, Send, SocksHandshake, detect_protocol
+from server.tunnel_session import StreamRelay, TunnelStream
 
 LOGGER_NAME = "fluidity.proxy"
 #: Block size for relaying bodies and tunnels: large enough that Python overhead per block is noise.
@@ -67,6 +74,8 @@ LINGER_MAX_BYTES = 1024 * 1024
 #: A kept-alive upstream idle longer than this may have been closed by the origin; a request
 #: whose body cannot be replayed gets a fresh stream instead of risking a failed exchange.
 REUSE_WITH_BODY_SECONDS = 2.0
+#: Client connections served at once; more are closed at once (a runaway local client).
+DEFAULT_MAX_CONNECTIONS = 4096
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -119,6 +128,7 @@ class _Settings:
     header_timeout: float
     idle_timeout: float
     max_header_count: int
+    pac_file: bytes | None = None  # served at /proxy.pac, rendered for the address listened on
 
 
 class _ClientGone(Exception):
@@ -154,77 +164,85 @@ class _Upstream:
         self.last_used = time.monotonic()
 
 
-class _ClientConnection:
-    """Serves one accepted client socket until it closes, in its own thread."""
+class ClientExchange:
+    """Serves one accepted client connection until it closes: the proxy's per-connection state."""
 
     def __init__(
         self,
-        sock: socket.socket,
+        client: SocketStream,
         peer: str,
         dialer: Dialer,
         settings: _Settings,
         logger: logging.Logger,
     ) -> None:
-        self.sock = sock
+        self.client = client
         self.peer = peer
         self._dialer = dialer
         self._settings = settings
         self._log = logger
         self._accepted_at = time.monotonic()
-        self._pending = bytearray()
-        self._block = bytearray(RELAY_BLOCK_BYTES)
-        self._block_view = memoryview(self._block)
+        self._pending = client.buffered  # read from the client, not yet consumed
         self._upstream: _Upstream | None = None
         self._streams: set[ByteStream] = set()
-        self._lock = threading.Lock()
+        self._relay: StreamRelay | None = None  # owns the client socket after CONNECT over the tunnel
         self._closed = False
+        self.task: asyncio.Task[None] | None = None
+        self._waiting_upstream = False  # a client leaving now cancels the request (no hung origin)
+        client.on_eof = self._client_left
+
+    def _client_left(self) -> None:
+        if self._waiting_upstream and self.task is not None:
+            self._log.info("%s: client left while waiting for the upstream; cancelling", self.peer)
+            self.task.cancel()
 
     # ------------------------------------------------------------------ lifecycle
 
-    def run(self) -> None:
+    async def run(self) -> None:
         try:
-            self._serve()
+            await self._serve()
         except _ClientGone:
             self._log.debug("%s: client went away", self.peer)
         except (OSError, StreamClosedError) as error:
             self._log.info("%s: connection ended: %s", self.peer, error)
+        except asyncio.CancelledError:
+            pass
         except Exception:
             self._log.exception("%s: unexpected proxy error", self.peer)
         finally:
             self.close()
 
     def close(self) -> None:
-        """Close the client socket and every stream; safe from any thread, more than once."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            streams = list(self._streams)
-            self._streams.clear()
+        """Close the client connection and every stream; safe more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._relay is not None:
+            self._relay.abort()
+            return
+        streams = list(self._streams)
+        self._streams.clear()
         for stream in streams:
             with contextlib.suppress(Exception):
                 stream.close()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        self.client.close()
 
-    def _dial(self, target: ProxyTarget) -> ByteStream:
+    async def _dial(self, target: ProxyTarget) -> ByteStream:
         """Open a stream or raise DialError; a transport error escaping the dialer counts as internal."""
+        self._waiting_upstream = True
         try:
-            stream = self._dialer.dial(target.host, target.port)
+            stream = await self._dialer.dial(target.host, target.port)
         except (OSError, StreamClosedError) as error:
             raise DialError("internal", str(error) or type(error).__name__) from None
-        with self._lock:
-            if not self._closed:
-                self._streams.add(stream)
-                return stream
-        stream.close()
-        raise _ClientGone()
+        finally:
+            self._waiting_upstream = False
+        if self._closed:
+            stream.close()
+            raise _ClientGone()
+        self._streams.add(stream)
+        return stream
 
     def _release(self, stream: ByteStream) -> None:
-        with self._lock:
-            self._streams.discard(stream)
+        self._streams.discard(stream)
         with contextlib.suppress(Exception):
             stream.close()
 
@@ -235,37 +253,127 @@ class _ClientConnection:
 
     # ------------------------------------------------------------------ request loop
 
-    def _serve(self) -> None:
+    async def _serve(self) -> None:
+        """HTTP requests, or one SOCKS connection: the first byte decides (one "mixed" port)."""
+        if not self._pending and not await self._wait_first_byte():
+            return
+        if detect_protocol(self._pending[0]) is not ProxyProtocol.HTTP:
+            await self._socks()
+            return
         first = True
         while True:
             request: RequestHead | None = None
             try:
-                raw = self._read_request_head(first)
+                raw = await self._read_request_head(first)
                 if raw is None:
                     return
                 first = False
                 request = parse_request_head(raw, max_header_count=self._settings.max_header_count)
+                if self._is_pac_request(request):
+                    if not await self._serve_pac(request):
+                        return
+                    continue
                 target = classify_target(request)
                 if request.method == "CONNECT":
-                    self._tunnel(target)
+                    await self._tunnel(target)
                     return
-                if not self._exchange(request, target):
+                if not await self._exchange(request, target):
                     return
             except HttpHeadError as error:
-                self._reject(
+                await self._reject(
                     _RequestRejected(error.status, error.message, "http_request_error", "bad request"),
                     request,
                 )
                 return
             except _RequestRejected as rejection:
-                self._reject(rejection, request)
+                await self._reject(rejection, request)
                 return
 
-    def _read_request_head(self, first: bool) -> bytes | None:
+    async def _wait_first_byte(self) -> bool:
+        wait = self._accepted_at + self._settings.header_timeout - time.monotonic()
+        try:
+            return wait > 0 and await self.client.fill(wait)
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ the proxy's own files
+
+    def _is_pac_request(self, request: RequestHead) -> bool:
+        path = request.target.partition("?")[0]
+        return self._settings.pac_file is not None and path == PAC_PATH and request.method in ("GET", "HEAD")
+
+    async def _serve_pac(self, request: RequestHead) -> bool:
+        """Answer GET /proxy.pac; True if the client connection stays open."""
+        assert self._settings.pac_file is not None
+        keep_alive = request_keeps_alive(request)
+        await self._send_to_client(
+            render_file_response(
+                self._settings.pac_file,
+                PAC_CONTENT_TYPE,
+                keep_alive=keep_alive,
+                include_body=request.method == "GET",
+            )
+        )
+        self._log.debug("%s: served %s", self.peer, PAC_PATH)
+        return keep_alive
+
+    # ------------------------------------------------------------------ SOCKS
+
+    async def _socks(self) -> None:
+        """A SOCKS5 or SOCKS4/4a CONNECT: names are resolved on the far side, never here."""
+        handshake = SocksHandshake()
+        deadline = self._accepted_at + self._settings.header_timeout
+        request: ConnectRequest | None = None
+        while request is None:
+            data = bytes(self._pending)
+            self._pending.clear()
+            for event in handshake.receive(data):
+                if isinstance(event, Send):
+                    await self._send_to_client(event.data)
+                elif isinstance(event, Refused):
+                    self._log.warning("%s: SOCKS refused (%s): %s", self.peer, event.refusal, event.detail)
+                    if event.data:
+                        await self._send_to_client(event.data)
+                    await self._close_gracefully()
+                    return
+                else:
+                    request = event
+            if request is None:
+                try:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or not await self.client.fill(wait):
+                        return
+                except TimeoutError:
+                    self._log.info("%s: SOCKS handshake not complete within the header timeout", self.peer)
+                    return
+        target = ProxyTarget("authority", request.host, request.port, request.display, "")
+        try:
+            stream = await self._dial(target)
+        except DialError as error:
+            answer, reply = handshake.failed(error.reason)
+            self._log.warning(
+                "%s: SOCKS%d CONNECT %s -> %s (dial failed: %s): %s",
+                self.peer,
+                request.version,
+                target.display,
+                reply.label,
+                error.reason,
+                error.message,
+            )
+            await self._send_to_client(answer)
+            await self._close_gracefully()
+            return
+        await self._send_to_client(handshake.succeeded())
+        self._pending[:0] = handshake.take_leftover()  # optimistic data goes up first
+        await self._relay_raw(stream, b"", target)
+
+    # ------------------------------------------------------------------ HTTP heads
+
+    async def _read_request_head(self, first: bool) -> bytes | None:
         """Read one request head; None when the client closes or idles out between requests.
 
         The header timeout covers the whole head (from accept for the first request, from
-        its first byte for later ones), so a client dripping bytes cannot hold a thread.
+        its first byte for later ones), so a client dripping bytes cannot hold it open.
         """
         settings = self._settings
         deadline = self._accepted_at + settings.header_timeout if first else None
@@ -293,8 +401,7 @@ class _ClientConnection:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                self.sock.settimeout(wait)
-                data = self.sock.recv(HEAD_READ_BYTES)
+                more = await self.client.fill(wait)
             except TimeoutError:
                 if not self._pending:
                     return None
@@ -304,19 +411,16 @@ class _ClientConnection:
                     "http_request_error",
                     "header timeout",
                 ) from None
-            except OSError:
+            if not more:
                 return None
-            if not data:
-                return None
-            self._pending += data
 
     # ------------------------------------------------------------------ plain HTTP
 
-    def _exchange(self, request: RequestHead, target: ProxyTarget) -> bool:
+    async def _exchange(self, request: RequestHead, target: ProxyTarget) -> bool:
         """Forward one request and relay its response; True if the client connection stays open."""
         framing = request_body_framing(request)
         client_keeps_alive = request_keeps_alive(request)
-        upstream, raw_head, response, body_sent = self._send_request(
+        upstream, raw_head, response, body_sent = await self._send_request(
             request, target, framing, client_keeps_alive
         )
         if response.status == 101:
@@ -328,9 +432,9 @@ class _ClientConnection:
                     "http_protocol_error",
                     "bad response",
                 )
-            self._send_to_client(raw_head)
-            self._relay_raw(upstream.stream, bytes(upstream.pending))
-            self._drop_upstream()
+            await self._send_to_client(raw_head)
+            self._upstream = None
+            await self._relay_raw(upstream.stream, bytes(upstream.pending), target)
             return False
         try:
             response_framing = response_body_framing(request.method, response)
@@ -339,9 +443,10 @@ class _ClientConnection:
             raise _RequestRejected(
                 502, error.message, "http_response_content_length", "bad response"
             ) from None
-        self._send_to_client(relayable_response_head(raw_head, response))
         try:
-            self._relay_response_body(response_framing, upstream)
+            await self._relay_response_body(
+                response_framing, upstream, relayable_response_head(raw_head, response)
+            )
         except _UpstreamLost as lost:
             self._log.warning(
                 "%s: %s %s: upstream failed mid-response, closing the client connection: %s",
@@ -356,7 +461,7 @@ class _ClientConnection:
         if not body_sent:
             # The rest of the client's body is still arriving; read it off so closing
             # does not reset the connection and destroy the response just sent.
-            self._close_gracefully()
+            await self._close_gracefully()
             return False
         keep_open = (
             client_keeps_alive and response_keeps_alive(response) and response_framing.kind != "until_close"
@@ -365,7 +470,7 @@ class _ClientConnection:
             self._drop_upstream()
         return keep_open
 
-    def _send_request(
+    async def _send_request(
         self, request: RequestHead, target: ProxyTarget, framing: BodyFraming, client_keeps_alive: bool
     ) -> tuple[_Upstream, bytes, ResponseHead, bool]:
         """Send head and body upstream and read the final response head.
@@ -378,19 +483,19 @@ class _ClientConnection:
         forward = build_forward_head(request, target, client_keeps_alive=client_keeps_alive)
         has_body = framing.kind != "none"
         for attempt in (1, 2):
-            upstream, reused = self._upstream_for(target, has_body=has_body)
+            upstream, reused = await self._upstream_for(target, has_body=has_body)
             body_sent = True
             try:
-                self._send_upstream(upstream.stream, forward)
+                await self._send_upstream(upstream.stream, forward)
                 if has_body:
                     if expects_continue(request):
-                        self._send_to_client(CONTINUE)
+                        await self._send_to_client(CONTINUE)
                     try:
-                        self._relay_request_body(framing, upstream.stream)
+                        await self._relay_request_body(framing, upstream.stream)
                     except _UpstreamLost as lost:
                         self._log.debug("%s: upstream stopped taking the body: %s", self.peer, lost)
                         body_sent = False
-                raw_head, response = self._read_final_response_head(
+                raw_head, response = await self._read_final_response_head(
                     upstream, relay_interim=request.minor_version > 0
                 )
                 return upstream, raw_head, response, body_sent
@@ -409,49 +514,45 @@ class _ClientConnection:
                 ) from None
         raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def _upstream_for(self, target: ProxyTarget, *, has_body: bool) -> tuple[_Upstream, bool]:
+    async def _upstream_for(self, target: ProxyTarget, *, has_body: bool) -> tuple[_Upstream, bool]:
         """The kept-alive stream to this host:port if it is safe to reuse, else a new one."""
         key = (target.host.lower(), target.port)
         current = self._upstream
-        if current is not None and current.key == key:
+        if current is not None and current.key == key and not current.pending:
             fresh = time.monotonic() - current.last_used < REUSE_WITH_BODY_SECONDS
             if not has_body or fresh:
                 return current, True
         self._drop_upstream()
         try:
-            stream = self._dial(target)
+            stream = await self._dial(target)
         except DialError as error:
             status, message, proxy_status = dial_failure_response(error, target)
             raise _RequestRejected(status, message, proxy_status, f"dial failed: {error.reason}") from None
         self._upstream = _Upstream(key, stream)
         return self._upstream, False
 
-    def _relay_request_body(self, framing: BodyFraming, stream: ByteStream) -> None:
+    async def _relay_request_body(self, framing: BodyFraming, stream: ByteStream) -> None:
         if framing.kind == "length":
             remaining = framing.length
-            if self._pending:
+            while remaining:
+                if not self._pending:
+                    await self._fill_from_client()
                 taken = min(remaining, len(self._pending))
-                self._send_upstream(stream, bytes(self._pending[:taken]))
+                await self._send_upstream(stream, bytes(self._pending[:taken]))
                 del self._pending[:taken]
                 remaining -= taken
-            while remaining:
-                received = self._recv_from_client(min(remaining, RELAY_BLOCK_BYTES))
-                self._send_upstream(stream, self._block_view[:received])
-                remaining -= received
             return
         scanner = ChunkedScanner()
-        if self._pending:
-            used = scanner.feed(self._pending)
-            self._send_upstream(stream, bytes(self._pending[:used]))
-            del self._pending[:used]
-        while not scanner.done:
-            received = self._recv_from_client(RELAY_BLOCK_BYTES)
-            used = scanner.feed(self._block, 0, received)
-            self._send_upstream(stream, self._block_view[:used])
-            if used < received:
-                self._pending += self._block_view[used:received]
+        while True:
+            if self._pending:
+                used = scanner.feed(self._pending)
+                await self._send_upstream(stream, bytes(self._pending[:used]))
+                del self._pending[:used]
+            if scanner.done:
+                return
+            await self._fill_from_client()
 
-    def _read_final_response_head(
+    async def _read_final_response_head(
         self, upstream: _Upstream, *, relay_interim: bool
     ) -> tuple[bytes, ResponseHead]:
         """Read response heads until the final (or 101) one, relaying interim 1xx heads.
@@ -459,7 +560,11 @@ class _ClientConnection:
         HTTP/1.0 defined no 1xx statuses, so an HTTP/1.0 client never gets one (RFC 9110 §15.2).
         """
         while True:
-            raw = self._read_response_head(upstream)
+            self._waiting_upstream = True
+            try:
+                raw = await self._read_response_head(upstream)
+            finally:
+                self._waiting_upstream = False
             try:
                 response = parse_response_head(raw, max_header_count=MAX_RESPONSE_HEADER_COUNT)
             except HttpHeadError as error:
@@ -469,9 +574,9 @@ class _ClientConnection:
             if response.status >= 200 or response.status == 101:
                 return raw, response
             if relay_interim:
-                self._send_to_client(raw)
+                await self._send_to_client(raw)
 
-    def _read_response_head(self, upstream: _Upstream) -> bytes:
+    async def _read_response_head(self, upstream: _Upstream) -> bytes:
         pending = upstream.pending
         scan_from = 0
         while True:
@@ -489,35 +594,40 @@ class _ClientConnection:
                     502, "upstream response head too large", "http_response_header_size", "bad response"
                 )
             scan_from = max(0, len(pending) - 3)
-            data = self._recv_upstream(upstream.stream, HEAD_READ_BYTES, responded=bool(pending))
+            data = await self._recv_upstream(upstream.stream, HEAD_READ_BYTES, responded=bool(pending))
             if not data:
                 raise _UpstreamLost("upstream closed before sending a response", responded=bool(pending))
             pending += data
 
-    def _relay_response_body(self, framing: BodyFraming, upstream: _Upstream) -> None:
+    async def _relay_response_body(self, framing: BodyFraming, upstream: _Upstream, head: bytes) -> None:
+        """Send ``head`` and relay the body; the head leaves with the first body bytes (one write)."""
         if framing == NO_BODY:
+            await self._send_to_client(head)
             return
         pending = upstream.pending
         stream = upstream.stream
         if framing.kind == "length":
             remaining = framing.length
-            if pending:
-                taken = min(remaining, len(pending))
-                self._send_to_client(bytes(pending[:taken]))
-                del pending[:taken]
-                remaining -= taken
+            taken = min(remaining, len(pending))
+            await self._send_to_client(head + pending[:taken])
+            del pending[:taken]
+            remaining -= taken
             while remaining:
-                data = self._recv_upstream(stream, min(remaining, RELAY_BLOCK_BYTES))
+                data = await self._recv_upstream(stream, min(remaining, RELAY_BLOCK_BYTES))
                 if not data:
                     raise _UpstreamLost(
                         f"upstream closed with {remaining} body bytes missing", responded=True
                     )
-                self._send_to_client(data)
+                if len(data) > remaining:  # bytes past the response: keep them with the upstream
+                    pending += data[remaining:]
+                    data = data[:remaining]
+                await self._send_to_client(data)
                 remaining -= len(data)
         elif framing.kind == "chunked":
             scanner = ChunkedScanner()
             data = bytes(pending)
             pending.clear()
+            first = head
             while True:
                 try:
                     used = scanner.feed(data)
@@ -525,83 +635,86 @@ class _ClientConnection:
                     raise _UpstreamLost(
                         f"upstream sent a broken chunked body: {error.message}", responded=True
                     ) from None
-                if used:
-                    self._send_to_client(data[:used] if used < len(data) else data)
+                if used or first:
+                    await self._send_to_client(first + (data[:used] if used < len(data) else data))
+                    first = b""
                 if scanner.done:
                     pending += data[used:]
                     return
-                data = self._recv_upstream(stream, RELAY_BLOCK_BYTES)
+                data = await self._recv_upstream(stream, RELAY_BLOCK_BYTES)
                 if not data:
                     raise _UpstreamLost("upstream closed in the middle of a chunked body", responded=True)
         else:
-            if pending:
-                self._send_to_client(bytes(pending))
-                pending.clear()
-            while data := self._recv_upstream(stream, RELAY_BLOCK_BYTES):
-                self._send_to_client(data)
+            await self._send_to_client(head + pending)
+            pending.clear()
+            while data := await self._recv_upstream(stream, RELAY_BLOCK_BYTES):
+                await self._send_to_client(data)
 
     # ------------------------------------------------------------------ tunnels
 
-    def _tunnel(self, target: ProxyTarget) -> None:
+    async def _tunnel(self, target: ProxyTarget) -> None:
         self._drop_upstream()
         try:
-            stream = self._dial(target)
+            stream = await self._dial(target)
         except DialError as error:
             status, message, proxy_status = dial_failure_response(error, target)
             raise _RequestRejected(status, message, proxy_status, f"dial failed: {error.reason}") from None
+        await self._send_to_client(CONNECT_ESTABLISHED)
+        await self._relay_raw(stream, b"", target)
+
+    async def _relay_raw(self, stream: ByteStream, to_client_first: bytes, target: ProxyTarget) -> None:
+        """Pipe bytes both ways until both sides finish, half-closes included."""
         try:
-            self._send_to_client(CONNECT_ESTABLISHED)
-            self._relay_raw(stream, b"")
+            if to_client_first:
+                await self._send_to_client(to_client_first)
+            transport = self.client.transport
+            if isinstance(stream, TunnelStream) and transport is not None and not transport.is_closing():
+                # The client socket and the tunnel stream meet directly from here on.
+                early = self.client.detach()
+                if self.client.at_eof:
+                    stream.shutdown_write()
+                self._streams.discard(stream)
+                self._relay = stream.take_over(transport, target.display, early)
+                await self._relay.finished
+                return
+            await _pump_both_ways(self.client, stream)  # what the client sent early is in its buffer
         finally:
             self._release(stream)
 
-    def _relay_raw(self, stream: ByteStream, to_client_first: bytes) -> None:
-        """Pipe bytes both ways until both sides finish (half-closes propagated by ``relay``)."""
-        if to_client_first:
-            self._send_to_client(to_client_first)
-        early = bytes(self._pending)
-        self._pending.clear()
-        self.sock.settimeout(None)
-        if not relay(self.sock, stream, initial=early, chunk=RELAY_BLOCK_BYTES):
-            self._log.debug("%s: tunnel ended with an error on one side", self.peer)
+    # ------------------------------------------------------------------ client and stream I/O
 
-    # ------------------------------------------------------------------ socket and stream I/O
-
-    def _recv_from_client(self, max_bytes: int) -> int:
-        """Read request body bytes into the relay block; a stalled or vanished client ends the connection."""
+    async def _fill_from_client(self) -> None:
+        """Wait for more request body bytes; a stalled or vanished client ends the connection."""
         try:
-            self.sock.settimeout(self._settings.idle_timeout)
-            received = self.sock.recv_into(self._block_view, max_bytes)
-        except OSError as error:
-            raise _ClientGone() from error
-        if not received:
+            more = await self.client.fill(self._settings.idle_timeout)
+        except TimeoutError:
+            raise _ClientGone() from None
+        if not more:
             raise _ClientGone()
-        return received
 
-    def _send_to_client(self, data: bytes | memoryview) -> None:
+    async def _send_to_client(self, data: bytes | memoryview) -> None:
         try:
-            self.sock.settimeout(self._settings.idle_timeout)
-            self.sock.sendall(data)
-        except OSError as error:
+            await self.client.sendall(data, self._settings.idle_timeout)
+        except (OSError, StreamClosedError, TimeoutError) as error:
             raise _ClientGone() from error
 
     @staticmethod
-    def _send_upstream(stream: ByteStream, data: bytes | memoryview) -> None:
+    async def _send_upstream(stream: ByteStream, data: bytes | memoryview) -> None:
         try:
-            stream.sendall(data)
+            await stream.sendall(data)
         except (StreamClosedError, OSError) as error:
             raise _UpstreamLost(f"upstream stream failed while sending: {error}", responded=False) from None
 
     @staticmethod
-    def _recv_upstream(stream: ByteStream, max_bytes: int, *, responded: bool = True) -> bytes:
+    async def _recv_upstream(stream: ByteStream, max_bytes: int, *, responded: bool = True) -> bytes:
         try:
-            return stream.recv(max_bytes)
+            return await stream.recv(max_bytes)
         except (StreamClosedError, OSError) as error:
             raise _UpstreamLost(f"upstream stream failed: {error}", responded=responded) from None
 
     # ------------------------------------------------------------------ errors
 
-    def _reject(self, rejection: _RequestRejected, request: RequestHead | None) -> None:
+    async def _reject(self, rejection: _RequestRejected, request: RequestHead | None) -> None:
         """Log one line, send the error response, and close gracefully."""
         what = "-"
         if request is not None:
@@ -621,30 +734,49 @@ class _ClientConnection:
             proxy_status_error=rejection.proxy_status,
         )
         try:
-            self.sock.settimeout(self._settings.idle_timeout)
-            self.sock.sendall(response)
-        except OSError:
+            await self._send_to_client(response)
+        except _ClientGone:
             return
-        self._close_gracefully()
+        await self._close_gracefully()
 
-    def _close_gracefully(self) -> None:
+    async def _close_gracefully(self) -> None:
         """Half-close, then drain the client briefly so unread input cannot turn the close into a reset."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
+        self.client.shutdown_write()
         deadline = time.monotonic() + LINGER_SECONDS
         drained = 0
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TimeoutError, StreamClosedError):
             while drained < LINGER_MAX_BYTES:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
                     return
-                self.sock.settimeout(wait)
-                received = self.sock.recv_into(self._block_view)
-                if not received:
+                data = await self.client.recv(RELAY_BLOCK_BYTES, wait)
+                if not data:
                     return
-                drained += received
+                drained += len(data)
+
+
+async def _pump_both_ways(client: SocketStream, stream: ByteStream) -> None:
+    """Relay between two coroutine streams (a direct upstream), half-closes propagated."""
+
+    async def up() -> None:
+        while data := await client.recv(RELAY_BLOCK_BYTES):
+            await stream.sendall(data)
+        stream.shutdown_write()
+
+    async def down() -> None:
+        while data := await stream.recv(RELAY_BLOCK_BYTES):
+            await client.sendall(data)
+        client.shutdown_write()
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            await finished  # an error in either direction tears down both
+    except (OSError, StreamClosedError):
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _origin(request: RequestHead) -> str:
@@ -696,7 +828,11 @@ def _too_large(head: bytes | bytearray, limit: int) -> _RequestRejected:
 
 
 class LocalProxy:
-    """The local HTTP/HTTPS/WebSocket proxy; ``start()`` listens, ``stop()`` closes everything."""
+    """The local HTTP/HTTPS/WebSocket proxy; ``start()`` listens, ``stop()`` closes everything.
+
+    Runs on the process's event loop thread (or the one given), so callers on other threads
+    (the tray, tests) never wait on client I/O.
+    """
 
     def __init__(
         self,
@@ -708,19 +844,24 @@ class LocalProxy:
         header_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pac_rules: BypassRules | None = None,
+        pac_fallback_direct: bool = False,
         logger: logging.Logger | None = None,
+        loop_thread: LoopThread | None = None,
     ) -> None:
         self._dialer = dialer
         self._listen = (listen_address, listen_port)
         self._settings = _Settings(max_header_bytes, header_timeout, idle_timeout, max_header_count)
+        self._max_connections = max_connections
+        self._pac_rules = pac_rules  # serve /proxy.pac from these rules (None: no PAC file)
+        self._pac_fallback_direct = pac_fallback_direct
         self._log = logger or logging.getLogger(LOGGER_NAME)
+        self._loop_thread = loop_thread or shared_loop()
         self._listener: socket.socket | None = None
-        self._waker: tuple[socket.socket, socket.socket] | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._connections: dict[_ClientConnection, threading.Event] = {}
-        self._workers = WorkerPool("proxy")
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._server: asyncio.Server | None = None
+        self._connections: dict[ClientExchange, asyncio.Task[None]] = {}
+        self._refused_warned = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -739,25 +880,30 @@ class LocalProxy:
     @property
     def active_connections(self) -> int:
         """Client connections being served right now, open CONNECT/WebSocket tunnels included."""
-        with self._lock:
-            return len(self._connections)
+        return len(self._connections)
 
     @property
     def running(self) -> bool:
-        return self._accept_thread is not None and self._accept_thread.is_alive()
+        return self._server is not None
 
     def start(self) -> None:
-        """Bind and start accepting in a daemon thread; raises ProxyBindError if the port is taken."""
+        """Bind and start accepting on the loop; raises ProxyBindError if the port is taken."""
         if self._listener is not None:
             raise RuntimeError("the proxy is already started")
         host, port = self._listen
         listener = _bind_listener(host, port)
         listener.setblocking(False)
         self._listener = listener
-        self._waker = socket.socketpair()
-        self._stopping.clear()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
-        self._accept_thread.start()
+        if self._pac_rules is not None:
+            host, port = self.address
+            pac = render_pac(self._pac_rules, host, port, fallback_direct=self._pac_fallback_direct)
+            self._settings = dataclasses.replace(self._settings, pac_file=pac.encode())
+        try:
+            self._server = self._loop_thread.run(self._serve_on_loop(listener))
+        except BaseException:
+            listener.close()
+            self._listener = None
+            raise
         if not _is_loopback(self.address[0]):
             self._log.warning(
                 "proxy listening on %s is reachable from other machines: "
@@ -766,32 +912,53 @@ class LocalProxy:
             )
         self._log.debug("proxy listening on %s", self.url)
 
+    async def _serve_on_loop(self, listener: socket.socket) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: SocketStream(self._connected), sock=listener, backlog=LISTEN_BACKLOG
+        )
+
+    def _connected(self, client: SocketStream) -> None:
+        assert client.transport is not None
+        address = client.transport.get_extra_info("peername") or ("?", 0)
+        peer = f"{address[0]}:{address[1]}"
+        if len(self._connections) >= self._max_connections:
+            now = time.monotonic()
+            if now - self._refused_warned > 10.0:
+                self._refused_warned = now
+                self._log.warning(
+                    "%s: more than %d client connections, closing new ones", peer, self._max_connections
+                )
+            client.abort()
+            return
+        exchange = ClientExchange(client, peer, self._dialer, self._settings, self._log)
+        task = asyncio.get_running_loop().create_task(exchange.run())
+        exchange.task = task
+        self._connections[exchange] = task
+        task.add_done_callback(lambda _: self._connections.pop(exchange, None))
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every client connection and its streams, join the threads."""
+        """Stop accepting, close every client connection and its streams."""
         if self._listener is None:
             return
-        deadline = time.monotonic() + timeout
-        self._stopping.set()
-        if self._waker is not None:
+        try:
+            self._loop_thread.run(self._stop_on_loop(timeout), timeout=timeout + 1.0)
+        finally:
             with contextlib.suppress(OSError):
-                self._waker[1].send(b"x")
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout)
-        with self._lock:
-            connections = dict(self._connections)
-        for connection in connections:
-            connection.close()
-        for done in connections.values():
-            done.wait(max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        if self._waker is not None:
-            for end in self._waker:
-                end.close()
-        self._listener = None
-        self._waker = None
-        self._accept_thread = None
+                self._listener.close()
+            self._listener = None
+            self._server = None
         self._log.debug("proxy stopped")
+
+    async def _stop_on_loop(self, timeout: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        connections = dict(self._connections)
+        for exchange, task in connections.items():
+            exchange.close()
+            task.cancel()
+        if connections:
+            await asyncio.wait(list(connections.values()), timeout=timeout)
 
     def __enter__(self) -> LocalProxy:
         self.start()
@@ -799,46 +966,3 @@ class LocalProxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None and self._waker is not None
-        listener, waker = self._listener, self._waker[0]
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(waker, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                for key, _ in selector.select():
-                    if key.fileobj is waker:
-                        return
-                    self._accept_one(listener)
-
-    def _accept_one(self, listener: socket.socket) -> None:
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            # Out of file descriptors and the like: say so, and do not spin on it.
-            self._log.warning("accept failed: %s", error)
-            time.sleep(0.1)
-            return
-        sock.setblocking(True)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = f"{address[0]}:{address[1]}"
-        connection = _ClientConnection(sock, peer, self._dialer, self._settings, self._log)
-        done = threading.Event()
-        with self._lock:
-            if self._stopping.is_set():
-                connection.close()
-                return
-            self._connections[connection] = done
-        self._workers.submit(self._run_connection, connection, done)
-
-    def _run_connection(self, connection: _ClientConnection, done: threading.Event) -> None:
-        try:
-            connection.run()
-        finally:
-            with self._lock:
-                self._connections.pop(connection, None)
-            done.set()

@@ -21,14 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 from desktop import certificates
 from desktop.autostart import Autostart
-from desktop.config import AgentConfig
+from desktop.config import AgentConfig, load_agent_config
 from desktop.controller import Controller, Snapshot, State, missing_certificates
 from desktop.desktop_shell import Chooser, Copier, Opener, choose_file, copy_text, open_path
-from desktop.first_run import write_first_run_config
+from desktop.first_run import set_setting, write_first_run_config
 from desktop.icons import tray_icon
+from desktop.lifecycle.factory import create_lifecycle
 from desktop.lifecycle.polling import describe_status
+from desktop.reload import BACKEND_KEYS, LIVE_KEYS, LOG_KEYS, SettingsReloader
+from desktop.system_proxy.detect import terminal_exports
+from desktop.system_proxy.follower import SystemProxyFollower, os_proxy_host
+from desktop.usage import server_text, traffic_text
 
 if TYPE_CHECKING:
+    from desktop.budget import UsageWatch
     from desktop.doctor import Report
 
 log = logging.getLogger("fluidity.tray")
@@ -40,6 +46,10 @@ MENU_TEXT_LIMIT = 90
 TICK_INTERVAL = 1.0
 #: How long a tray started at login waits for the desktop's tray host to appear.
 TRAY_HOST_WAIT = 30.0
+#: How often the settings file is checked for changes (it is reloaded when it changed).
+RELOAD_POLL = 2.0
+#: Shortest time between menu redraws for the traffic figures while connected.
+TRAFFIC_REFRESH = 2.0
 #: Bound for Quit: disconnect and stop the server, then leave anyway.
 QUIT_TIMEOUT = 60.0
 #: The "Diagnose…" report, written next to the log file and opened like it.
@@ -186,8 +196,12 @@ def _shorten(text: str, limit: int = MENU_TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def status_line(snap: Snapshot, now: float) -> str:
-    """The first menu line: state, server address, active streams, elapsed time while waking."""
+def status_line(snap: Snapshot, now: float, traffic: str | None = None) -> str:
+    """The first menu line: state, server address, active streams, elapsed time while waking.
+
+    With the traffic meter's ``traffic`` ("↓ 1.2 MB/s ↑ 40 kB/s · 230 MB today") a connected
+    tray shows that instead of the address (the "Connected to …" notification names it).
+    """
     if snap.state is State.WAKING:
         elapsed = int(now - snap.waking_since) if snap.waking_since is not None else 0
         progress = f" ({describe_status(snap.server)})" if snap.server is not None else ""
@@ -200,6 +214,8 @@ def status_line(snap: Snapshot, now: float) -> str:
         why = f" ({snap.detail})" if snap.detail and not snap.detail.startswith("connecting to") else ""
         return _shorten(f"Connecting{where}…{why}")
     if snap.state is State.CONNECTED:
+        if traffic:
+            return f"Connected · {traffic}"
         streams = f"{snap.active_streams} active stream{'s' if snap.active_streams != 1 else ''}"
         return f"Connected to {snap.endpoint} · {streams}"
     if snap.state is State.ERROR:
@@ -230,6 +246,10 @@ class TrayApp:
         copier: Copier = copy_text,
         chooser: Chooser = choose_file,
         diagnoser: Diagnoser | None = None,
+        system_proxy: SystemProxyFollower | None = None,
+        usage: UsageWatch | None = None,
+        load_settings: Callable[[], AgentConfig] | None = None,
+        server_log: Path | None = None,
     ) -> None:
         self.controller = controller
         self.pystray = pystray
@@ -242,6 +262,17 @@ class TrayApp:
         self.copier = copier
         self.chooser = chooser
         self.diagnoser = diagnoser
+        self.system_proxy = system_proxy
+        self.usage = usage
+        self.server_log = server_log
+        self.reloader = SettingsReloader(
+            config_path,
+            load_settings or (lambda: load_agent_config(config_path)),
+            self.apply_settings,
+            lambda: self.controller.config,
+        )
+        self._shown_status = ""
+        self._last_traffic_redraw = 0.0
         self.quit_done = threading.Event()
         self._quitting = threading.Event()
         self._running = False
@@ -257,6 +288,8 @@ class TrayApp:
             "fluidity", icon=tray_icon(State.DISCONNECTED.value), title=APP_TITLE, menu=self.build_menu()
         )
         controller.subscribe(self._on_snapshot)
+        if system_proxy is not None:
+            system_proxy.set_notifier(lambda message, error: self.notify(message, error=error))
 
     # ----- menu ---------------------------------------------------------------
 
@@ -270,13 +303,32 @@ class TrayApp:
         )
         return Menu(
             Item(lambda _item: self.status_text(), None, enabled=False),
+            Item(
+                lambda _item: self.usage_text(),
+                None,
+                enabled=False,
+                visible=lambda _item: bool(self.usage_text()),
+            ),
             Item(lambda _item: self.toggle_text(), self.on_toggle, default=True),
+            Item(
+                "Connect anyway (over budget)",
+                self.on_connect_over_budget,
+                visible=lambda _item: self.budget_refusal() is not None,
+            ),
             Item(lambda _item: f"Copy proxy address ({self.proxy_address()})", self.on_copy_proxy_address),
+            Item("Copy proxy settings", self.on_copy_proxy_settings),
             Menu.SEPARATOR,
             Item("Certificates", certificates_menu),
             Item("Start at login", self.on_toggle_autostart, checked=lambda _item: self.autostart_enabled()),
+            Item(
+                "Use as system proxy",
+                self.on_toggle_system_proxy,
+                checked=lambda _item: self.system_proxy is not None and self.system_proxy.enabled,
+                visible=self.system_proxy is not None,
+            ),
             Item("Open log", self.on_open_log),
             Item("Open config", self.on_open_config),
+            Item("Reload settings", self.on_reload_settings),
             Item("Diagnose…", self.on_diagnose),
             Menu.SEPARATOR,
             Item("Quit", self.on_quit),
@@ -289,10 +341,30 @@ class TrayApp:
                 if self.controller.policy.kill_on_disconnect
                 else "Quitting…"
             )
-        return status_line(self.controller.snapshot(), time.monotonic())
+        usage = self.usage
+        # Until something counts traffic (the proxy calls record_bytes), no made-up zeros.
+        traffic = traffic_text(usage.store) if usage is not None and usage.store.metering else None
+        return status_line(self.controller.snapshot(), time.monotonic(), traffic)
+
+    def usage_text(self) -> str:
+        """The second line: server time and cost (only for backends that start a paid server)."""
+        if self.usage is None or not self.usage.metered or self._quitting.is_set():
+            return ""
+        summary = self.usage.summary()
+        if not summary.running and not summary.month_seconds:
+            return ""
+        return server_text(summary)
+
+    def budget_refusal(self) -> str | None:
+        """Why Connect is held back (the month's budget is used up), when idle."""
+        if self.usage is None or self.controller.snapshot().busy:
+            return None
+        return self.usage.connect_refusal()
 
     def toggle_text(self) -> str:
-        return "Disconnect" if self.controller.snapshot().busy else "Connect"
+        if self.controller.snapshot().busy:
+            return "Disconnect"
+        return "Connect (budget used up)" if self.budget_refusal() is not None else "Connect"
 
     def proxy_address(self) -> str:
         host, port = self.controller.snapshot().proxy_address
@@ -307,8 +379,47 @@ class TrayApp:
     # ----- actions (called on the tray's event loop: never block) ------------
 
     def on_toggle(self) -> None:
-        if not self._quitting.is_set():
-            self.controller.toggle()
+        if self._quitting.is_set():
+            return
+        refusal = self.budget_refusal()
+        if refusal is not None:
+            self.notify(f"{refusal} Or choose “Connect anyway (over budget)”.", error=True)
+            return
+        self.controller.toggle()
+
+    def on_connect_over_budget(self) -> None:
+        """The confirmation: connect once although this month's budget is used up."""
+        if self._quitting.is_set() or self.usage is None or self.controller.snapshot().busy:
+            return
+        self.usage.confirm_over_budget()
+        self.controller.connect()
+
+    def on_reload_settings(self) -> None:
+        def reload() -> None:
+            ok, message = self.reloader.reload()
+            self.notify(message, error=not ok)
+            self._refresh_menu()
+
+        self.run_in_background("reload-settings", reload)
+
+    def apply_settings(self, new: AgentConfig, changed: list[str]) -> str:
+        """Put reloaded settings to use; what does not apply at once is said in the result."""
+        lifecycle = None
+        if BACKEND_KEYS.intersection(changed):
+            store = self.usage.store if self.usage is not None else None
+            lifecycle = create_lifecycle(new, usage=store, server_log=self.server_log)
+        self.controller.reconfigure(new, lifecycle)
+        self.cert_dir = new.ca_file.parent
+        if LOG_KEYS.intersection(changed):
+            from server.json_logging import configure_logging
+
+            configure_logging(
+                new.log_level, new.log_file or self.log_path, stream=None, log_format=new.log_format
+            )
+        self._refresh_menu()
+        if self.controller.snapshot().busy and set(changed) - LIVE_KEYS:
+            return "Changes to the running session apply from the next Connect."
+        return ""
 
     def on_copy_proxy_address(self) -> None:
         address = self.proxy_address()
@@ -320,6 +431,38 @@ class TrayApp:
                 self.notify(f"Set your browser or system proxy to {address} (no clipboard tool found).")
 
         self.run_in_background("copy-proxy-address", copy)
+
+    def on_copy_proxy_settings(self) -> None:
+        """``export http_proxy=… no_proxy=…`` for terminals, which never read the OS proxy."""
+        host, port = self.controller.snapshot().proxy_address
+        text = terminal_exports(os_proxy_host(host), port, self.controller.config.bypass_rules())
+
+        def copy() -> None:
+            if self.copier(text):
+                self.notify("Proxy settings for terminals copied to the clipboard: paste them into a shell.")
+            else:
+                self.notify(f"No clipboard tool found; for terminals run: {text}")
+
+        self.run_in_background("copy-proxy-settings", copy)
+
+    def on_toggle_system_proxy(self) -> None:
+        """The checkbox: applies at once (while connected) and is saved as ``system_proxy``."""
+        follower = self.system_proxy
+        if follower is None:
+            return
+        enabled = not follower.enabled
+        follower.set_enabled(enabled)
+        self._refresh_menu()
+
+        def save() -> None:
+            try:
+                set_setting(self.config_path, "system_proxy", follower.mode.value if enabled else "off")
+            except OSError as error:
+                self.notify(
+                    f"Could not save the system proxy choice in {self.config_path}: {error}", error=True
+                )
+
+        self.run_in_background("system-proxy-setting", save)
 
     def on_generate_certificates(self) -> None:
         def generate() -> None:
@@ -380,7 +523,7 @@ class TrayApp:
 
     def on_open_certificate_folder(self) -> None:
         self.cert_dir.mkdir(parents=True, exist_ok=True)
-        self._open(self.cert_dir)
+        self.run_in_background("open-certificate-folder", lambda: self._open(self.cert_dir))
 
     def on_toggle_autostart(self) -> None:
         try:
@@ -396,7 +539,7 @@ class TrayApp:
     def on_open_log(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.touch(exist_ok=True)
-        self._open(self.log_path)
+        self.run_in_background("open-log", lambda: self._open(self.log_path))
 
     def on_open_config(self) -> None:
         try:
@@ -405,7 +548,7 @@ class TrayApp:
         except OSError as error:
             self.notify(f"Could not create {self.config_path}: {error}", error=True)
             return
-        self._open(self.config_path)
+        self.run_in_background("open-config", lambda: self._open(self.config_path))
 
     def on_diagnose(self) -> None:
         self.run_in_background("diagnose", self.diagnose)
@@ -451,6 +594,7 @@ class TrayApp:
     # ----- plumbing -----------------------------------------------------------
 
     def _open(self, path: Path) -> None:
+        """Hand ``path`` to the desktop (may wait a few seconds for the opener: not on the UI thread)."""
         problem = self.opener(path)
         if problem is not None:
             self.notify(f"{problem}. The file is at {path}.", error=True)
@@ -533,6 +677,8 @@ class TrayApp:
     def startup_checks(self) -> None:
         """First-run certificates and expiry warnings (runs on a background thread)."""
         config = self.controller.config
+        for notice in self.system_proxy.take_notices() if self.system_proxy is not None else []:
+            self.notify(notice)  # proxy settings a crashed Fluidity left behind were restored
         if self.controller.lifecycle.name == "local":
             try:
                 if certificates.ensure_certificates(self.cert_dir):
@@ -550,10 +696,25 @@ class TrayApp:
             self.notify("Certificates expire soon:\n" + "\n".join(warnings), error=True)
 
     def _tick(self) -> None:
+        last_poll = time.monotonic()
         while self._running and not self._quitting.is_set():
             time.sleep(TICK_INTERVAL)
-            if self.controller.snapshot().state is State.WAKING:
+            now = time.monotonic()
+            state = self.controller.snapshot().state
+            if state is State.WAKING:
                 self._refresh_menu()
+            elif state is State.CONNECTED and now - self._last_traffic_redraw >= TRAFFIC_REFRESH:
+                self._last_traffic_redraw = now
+                shown = f"{self.status_text()}\n{self.usage_text()}"
+                if shown != self._shown_status:  # a rebuilt menu may close an open one: only on change
+                    self._shown_status = shown
+                    self._refresh_menu()
+            if now - last_poll >= RELOAD_POLL:
+                last_poll = now
+                message = self.reloader.poll()
+                if message is not None:
+                    self.notify(message, error=message.startswith("Settings not reloaded"))
+                    self._refresh_menu()
 
     def _setup(self, icon: Any) -> None:
         self._running = True

@@ -1,13 +1,14 @@
 """The agent's end of the tunnel: one long-lived mTLS link, kept alive and re-established.
 
-Every proxied client connection becomes a stream on the current link, so no request
-pays for a TLS handshake. A supervisor thread connects, watches the link and reconnects
-with exponential backoff and jitter; requests that arrive while it reconnects wait a
-bounded time, then fail with a clear reason.
+Every proxied client connection becomes a stream on the current tunnel, so no request
+pays for a TLS handshake. A supervisor task on the event loop connects, watches the
+tunnel and reconnects with exponential backoff and jitter; requests that arrive while
+it reconnects wait a bounded time, then fail with a clear reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import random
@@ -18,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from desktop.config import AgentConfig
+from desktop.event_loop import LoopThread, shared_loop
 from desktop.lifecycle.base import Endpoint
 from server import __version__
 from server.framing import Role, TunnelConnection
 from server.stream_api import DialError
-from server.tls import TlsChannel, TlsError, client_context
-from server.tunnel_link import LinkClosed, LinkStream, TunnelLink, set_nodelay
+from server.tls import TlsError, TlsSession, client_context
+from server.tunnel_session import TunnelSession, TunnelStream
 
 log = logging.getLogger("fluidity.agent")
 
@@ -51,33 +53,49 @@ class TunnelStats:
 
 
 class TunnelClient:
-    """Implements the proxy's Dialer on top of a self-healing TunnelLink."""
+    """Implements the proxy's Dialer on top of a self-healing ``TunnelSession`` on the event loop.
 
-    def __init__(self, config: AgentConfig, *, on_state: LinkObserver | None = None) -> None:
+    The control calls (start, stop, set_endpoint, wait_connected, stats) may come from any
+    thread; ``dial`` is a coroutine on the loop.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        on_state: LinkObserver | None = None,
+        loop_thread: LoopThread | None = None,
+    ) -> None:
         self.config = config
         self.context = client_context(config.ca_file, config.cert_file, config.key_file)
+        self.loop_thread = loop_thread or shared_loop()
         self._on_state = on_state
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._link: TunnelLink | None = None
-        self._old_links: list[TunnelLink] = []
+        self._session: TunnelSession | None = None
+        self._old_sessions: list[TunnelSession] = []
         self._endpoint: Endpoint | None = None
         self._state = LinkState.DISCONNECTED
         self._stopped = threading.Event()
-        self._kick = threading.Event()  # endpoint changed or stop: wake the supervisor
-        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._kick: asyncio.Event | None = None  # endpoint changed or stop: wake the supervisor
+        self._usable: asyncio.Event | None = None  # a session takes streams
         self._connected_since: float | None = None
         self._last_error: str | None = None
         self._failures = 0
         self._last_connect_ms: float | None = None
 
-    # ----- control --------------------------------------------------------
+    # ----- control (any thread) ---------------------------------------------
 
     def start(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
         self._stopped.clear()
-        self._thread = threading.Thread(target=self._supervise, name="tunnel-supervisor", daemon=True)
-        self._thread.start()
+        self.loop_thread.run(self._start())
+
+    async def _start(self) -> None:
+        self._kick = asyncio.Event()
+        self._usable = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     def set_endpoint(self, endpoint: Endpoint) -> None:
         """Point at a new server address (a woken Fargate task gets a new IP) and reconnect."""
@@ -85,24 +103,35 @@ class TunnelClient:
             if endpoint == self._endpoint:
                 return
             self._endpoint = endpoint
-            link = self._link
-        self._kick.set()
-        if link is not None:
-            link.close("server moved")
+        self.loop_thread.call(self._move)
+
+    def _move(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+        if self._session is not None:
+            self._session.close("server moved")
 
     def stop(self) -> None:
         self._stopped.set()
-        self._kick.set()
-        with self._lock:
-            links = [link for link in (self._link, *self._old_links) if link is not None]
+        with self._changed:
             self._changed.notify_all()
-        for link in links:
-            link.close("agent stopped")
-        for link in links:
-            link.wait_closed(2.0)
-        if self._thread is not None:
-            self._thread.join(5.0)
+        try:
+            self.loop_thread.run(self._stop(), timeout=10.0)
+        except TimeoutError:
+            log.warning("tunnel client did not stop in time")
         self._set_state(LinkState.DISCONNECTED, None)
+
+    async def _stop(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+        sessions = [s for s in (self._session, *self._old_sessions) if s is not None]
+        for session in sessions:
+            session.close("agent stopped")
+        if sessions:
+            await asyncio.wait([session.closed for session in sessions], timeout=2.0)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     def wait_connected(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         deadline = time.monotonic() + timeout
@@ -119,49 +148,55 @@ class TunnelClient:
         return self._state
 
     def stats(self) -> TunnelStats:
-        with self._lock:
-            links = [link for link in (self._link, *self._old_links) if link is not None]
-            return TunnelStats(
-                self._state,
-                sum(link.active_streams for link in links),
-                self._connected_since,
-                self._last_error,
-                self._failures,
-                self._last_connect_ms,
-            )
+        sessions = [s for s in (self._session, *self._old_sessions) if s is not None]
+        return TunnelStats(
+            self._state,
+            sum(session.stream_count for session in sessions),
+            self._connected_since,
+            self._last_error,
+            self._failures,
+            self._last_connect_ms,
+        )
 
-    # ----- Dialer ---------------------------------------------------------
+    # ----- Dialer (on the loop) ----------------------------------------------
 
-    def dial(self, host: str, port: int) -> LinkStream:
-        deadline = time.monotonic() + self.config.request_wait
+    async def dial(self, host: str, port: int) -> TunnelStream:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_wait
         while True:
-            link = self._usable_link(deadline)
+            session = await self._usable_session(deadline)
             try:
-                return link.open_stream(host, port, timeout=self.config.connect_timeout + 5.0)
+                return await session.open_stream(host, port, timeout=self.config.connect_timeout + 5.0)
             except DialError as exc:
-                # The link died or was told to go away between our check and the OPEN:
-                # try the next link while the request's waiting budget lasts.
-                if exc.reason not in ("tunnel_down", "shutting_down") or time.monotonic() >= deadline:
+                # The tunnel died or was told to go away between our check and the OPEN:
+                # try the next one while the request's waiting budget lasts.
+                if exc.reason not in ("tunnel_down", "shutting_down") or loop.time() >= deadline:
                     raise
 
-    def _usable_link(self, deadline: float) -> TunnelLink:
-        with self._changed:
-            while True:
-                link = self._link
-                if link is not None and link.accepting_streams:
-                    return link
-                if self._stopped.is_set():
-                    raise DialError("tunnel_down", "the agent is stopping")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    why = self._last_error or "not connected yet"
-                    raise DialError(
-                        "tunnel_down",
-                        f"tunnel to the server is down ({why}); waited {self.config.request_wait:g} s",
-                    )
-                self._changed.wait(min(remaining, 0.25))
+    async def _usable_session(self, deadline: float) -> TunnelSession:
+        loop = asyncio.get_running_loop()
+        while True:
+            session = self._session
+            if session is not None and session.accepting_streams:
+                return session
+            if self._stopped.is_set():
+                raise DialError("tunnel_down", "the agent is stopping")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                why = self._last_error or "not connected yet"
+                raise DialError(
+                    "tunnel_down",
+                    f"tunnel to the server is down ({why}); waited {self.config.request_wait:g} s",
+                )
+            assert self._usable is not None
+            self._usable.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.25)):
+                    await self._usable.wait()
+            except TimeoutError:
+                pass
 
-    # ----- supervisor -----------------------------------------------------
+    # ----- supervisor (on the loop) ---------------------------------------------
 
     def _set_state(self, state: LinkState, error: str | None) -> None:
         with self._changed:
@@ -176,7 +211,9 @@ class TunnelClient:
             except Exception:
                 log.exception("link state observer failed")
 
-    def _supervise(self) -> None:
+    async def _supervise(self) -> None:
+        assert self._kick is not None and self._usable is not None
+        loop = asyncio.get_running_loop()
         backoff = INITIAL_BACKOFF
         first = True
         while not self._stopped.is_set():
@@ -184,14 +221,13 @@ class TunnelClient:
             assert endpoint is not None
             self._kick.clear()
             self._set_state(LinkState.CONNECTING if first else LinkState.RECONNECTING, None)
-            started = time.monotonic()
+            started = loop.time()
             try:
-                link = self._connect(endpoint)
-            except (OSError, LinkClosed, TlsError) as exc:
-                reason = _describe_connect_error(exc)
-                with self._lock:
-                    self._failures += 1
-                    self._last_error = f"cannot reach {endpoint}: {reason}"
+                session = await self._connect(endpoint)
+            except (OSError, TlsError, ConnectionError) as exc:
+                reason = _describe_connect_error(exc, endpoint.port)
+                self._failures += 1
+                self._last_error = f"cannot reach {endpoint}: {reason}"
                 log.warning(
                     "connect failed",
                     extra={"server": str(endpoint), "reason": reason, "attempt": self._failures},
@@ -201,100 +237,108 @@ class TunnelClient:
                 )
                 delay = backoff * (0.5 + random.random())  # jitter: agents don't reconnect in lockstep
                 backoff = min(backoff * 2, self.config.reconnect_backoff_max)
-                self._kick.wait(delay)
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._kick.wait()
+                except TimeoutError:
+                    pass
                 continue
             first = False
-            elapsed_ms = (time.monotonic() - started) * 1000
+            elapsed_ms = (loop.time() - started) * 1000
             log.info(
                 f"Connected to server in {elapsed_ms:.0f}ms",
                 extra={
                     "server": str(endpoint),
                     "connect_ms": round(elapsed_ms, 1),
-                    "tls": link.channel.version,
+                    "tls": session.tls.version,
                 },
             )
-            with self._lock:
-                self._link = link
-                self._failures = 0
-                self._last_connect_ms = elapsed_ms
-                self._connected_since = time.time()
-                self._last_error = None
+            self._session = session
+            self._failures = 0
+            self._last_connect_ms = elapsed_ms
+            self._connected_since = time.time()
+            self._last_error = None
             backoff = INITIAL_BACKOFF
+            self._usable.set()
             self._set_state(LinkState.CONNECTED, None)
-            self._watch(link)
-            with self._lock:
-                if self._link is link:
-                    self._link = None
-                self._connected_since = None
-                if not link.closed:  # GOAWAY: keep it until its streams finish
-                    self._old_links.append(link)
-                self._old_links = [old for old in self._old_links if not old.closed]
+            await self._watch(session)
+            if self._session is session:
+                self._session = None
+            self._connected_since = None
+            if session.closed_reason is None:  # GOAWAY: keep it until its streams finish
+                self._old_sessions.append(session)
+            self._old_sessions = [old for old in self._old_sessions if old.closed_reason is None]
             if not self._stopped.is_set():
-                reason = link.close_reason or (
-                    f"server sent GOAWAY: {link.goaway.message}" if link.goaway else ""
+                reason = session.closed_reason or (
+                    f"server sent GOAWAY: {session.goaway.message}" if session.goaway else ""
                 )
                 log.warning("tunnel lost, reconnecting", extra={"server": str(endpoint), "reason": reason})
                 self._set_state(LinkState.RECONNECTING, f"tunnel lost: {reason}")
 
-    def _watch(self, link: TunnelLink) -> None:
-        while not self._stopped.is_set():
-            if link.closed or link.goaway is not None or self._kick.is_set():
+    async def _watch(self, session: TunnelSession) -> None:
+        assert self._kick is not None
+        while not self._stopped.is_set() and session.closed_reason is None and session.goaway is None:
+            if self._kick.is_set():
                 return
-            link.wait_closed(0.25)
+            await asyncio.wait([session.closed], timeout=0.25)
 
-    def _connect(self, endpoint: Endpoint) -> TunnelLink:
+    async def _connect(self, endpoint: Endpoint) -> TunnelSession:
+        loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout
-        deadline = time.monotonic() + timeout
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-        try:
-            sock.settimeout(None)
-            set_nodelay(sock)
-            channel = TlsChannel(
-                sock, self.context, server_side=False, server_hostname=self.config.server_name
-            )
-            channel.handshake(max(0.1, deadline - time.monotonic()))
-        except BaseException:
-            sock.close()
-            raise
         conn = TunnelConnection(
             Role.AGENT,
             f"fluidity-agent/{__version__}",
             max_payload=self.config.max_payload,
             initial_window=self.config.initial_window,
+            connection_window=self.config.connection_window,
         )
-        link = TunnelLink(
-            channel,
+        ready = loop.create_future()
+
+        def on_ready(session: TunnelSession) -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        def on_closed(session: TunnelSession, reason: str) -> None:
+            if not ready.done():
+                ready.set_exception(ConnectionError(reason))
+            with self._changed:
+                self._changed.notify_all()
+
+        session = TunnelSession(
+            TlsSession(self.context, server_side=False, server_hostname=self.config.server_name),
             conn,
             name=f"tunnel-{endpoint}",
+            peer=str(endpoint),
             logger=log,
+            handshake_timeout=timeout,
             dead_after=self.config.keepalive_timeout,
             keepalive_interval=self.config.keepalive_interval,
-            on_closed=self._on_link_closed,
+            on_ready=on_ready,
+            on_closed=on_closed,
         )
-        link.start()
         try:
-            # TLS 1.3 reports a rejected client certificate only on the first read,
-            # so waiting for the server's HELLO is what proves the tunnel works.
-            link.wait_hello(max(0.1, deadline - time.monotonic()))
-        except LinkClosed:
-            link.close("handshake failed", goaway=None)
-            link.wait_closed(1.0)
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: session, endpoint.host, endpoint.port)
+                # TLS 1.3 reports a rejected client certificate only on the first read,
+                # so waiting for the server's HELLO is what proves the tunnel works.
+                await ready
+        except TimeoutError:
+            session.abort("handshake timed out")
+            raise TimeoutError("timed out") from None
+        except BaseException:
+            session.abort("handshake failed")
             raise
-        return link
-
-    def _on_link_closed(self, link: TunnelLink, reason: str) -> None:
-        with self._changed:
-            self._changed.notify_all()
+        return session
 
 
-def _describe_connect_error(exc: BaseException) -> str:
+def _describe_connect_error(exc: BaseException, port: int) -> str:
     if isinstance(exc, socket.timeout | TimeoutError):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the server running and port 8443 open?)"
+        return f"connection refused (is the server running and port {port} open?)"
     if isinstance(exc, socket.gaierror):
         return f"name resolution failed ({exc.strerror})"
-    if isinstance(exc, LinkClosed | TlsError):
+    if isinstance(exc, TlsError) or type(exc) is ConnectionError:
         return str(exc)
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)

@@ -31,8 +31,11 @@ SYSTEM_GUI_DEPENDS = (
     "gir1.2-gtk-3.0",
     "gir1.2-ayatanaappindicator3-0.1 | gir1.2-appindicator3-0.1",
 )
-#: Tools the tray uses when present: opening files, file choosers, clipboard.
-RECOMMENDS = ("xdg-utils", "zenity | kdialog", "xclip | xsel | wl-clipboard")
+#: Small tools the tray uses when present: opening files, clipboard.
+RECOMMENDS = ("xdg-utils", "xclip | xsel | wl-clipboard")
+#: Nicer file choosers. Only suggested: zenity (or kdialog) pulls in a desktop's worth of
+#: packages on a minimal system, and the bundled Tk dialog does the job without them.
+SUGGESTS = ("zenity | kdialog",)
 #: Resolved by the dynamic loader itself, never a package dependency of its own.
 _LOADER_NAMES = re.compile(r"^(ld-linux.*|linux-vdso.*)\.so")
 _GLIBC_VERSION = re.compile(r"GLIBC_(\d+)\.(\d+)")
@@ -62,6 +65,7 @@ class DebianControl:
     installed_size_kib: int
     depends: list[str]
     recommends: list[str] = field(default_factory=lambda: list(RECOMMENDS))
+    suggests: list[str] = field(default_factory=lambda: list(SUGGESTS))
     maintainer: str = DEFAULT_MAINTAINER
 
     def text(self) -> str:
@@ -73,6 +77,7 @@ class DebianControl:
             "Installed-Size": str(self.installed_size_kib),
             "Depends": ", ".join(self.depends),
             "Recommends": ", ".join(self.recommends),
+            "Suggests": ", ".join(self.suggests),
             "Section": "net",
             "Priority": "optional",
             "Description": f"{SUMMARY}\n"

@@ -744,7 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS, help=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="fluidity-deploy",
-        description="Deploy, inspect or remove Fluidity's AWS stacks (fluidity-fargate, fluidity-lambda).",
+        usage="fluidity-deploy [COMMAND] [--profile NAME] [--region REGION] [OPTIONS]",
+        description="Deploy, inspect or remove Fluidity's AWS stacks (fluidity-fargate, fluidity-lambda).\n"
+        "`fluidity-deploy COMMAND --help` lists the options of each command.\n\n"
+        "examples:\n"
+        "  fluidity-deploy --region us-east-1 --allowed-cidr 203.0.113.7/32     create or update both\n"
+        "  fluidity-deploy outputs                  ApiGatewayUrl, ApiKeyId and the server's IP",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="{deploy,secrets,outputs,destroy}")
 

@@ -23,7 +23,7 @@ from server.framing import (
     MIN_PAYLOAD_LIMIT,
     TUNNEL_PORT,
 )
-from server.json_logging import LogLevel
+from server.json_logging import LogFormat, LogLevel
 
 #: ECS sends SIGKILL this long after SIGTERM unless the task definition says otherwise.
 ECS_STOP_TIMEOUT_SECONDS = 30.0
@@ -118,6 +118,10 @@ class ServerConfig(Settings):
     log_level: LogLevel = setting("info", help="least severe log level written")
     log_file: Path | None = setting(
         None, kind="path", help="also write logs here, rotated at 1 MiB (default: stderr only)"
+    )
+    log_format: LogFormat = setting(
+        "auto",
+        help="auto = short lines on a terminal, JSON in files, pipes and containers; json or text forces one",
     )
 
     def validate(self) -> None:

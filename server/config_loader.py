@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import re
+import textwrap
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -137,8 +138,9 @@ def setting(
 
     ``kind`` refines parsing and checks: "duration" (float seconds, > 0), "port" (1..65535;
     pass minimum=0 to allow an ephemeral port), "cidr" (each item a network), "url"
-    (http/https), "path" (informational; Path fields are paths anyway). ``secret`` masks the
-    value in repr, logs and errors.
+    (http/https), "path" (informational; Path fields are paths anyway), "host_pattern" (the
+    program checks the items; ``<local>`` there is a value, not a template placeholder).
+    ``secret`` masks the value in repr, logs and errors.
     """
     metadata = {"help": help, "kind": kind, "minimum": minimum, "maximum": maximum, "secret": secret}
     if default_factory is not None:
@@ -406,7 +408,7 @@ def _absolute(path: Path, base_dir: Path) -> Path:
 
 
 def _parse_item(spec: FieldSpec, kind_type: type, raw: object, origin: _Origin) -> object:
-    if isinstance(raw, str) and _PLACEHOLDER.fullmatch(raw.strip()):
+    if isinstance(raw, str) and spec.kind != "host_pattern" and _PLACEHOLDER.fullmatch(raw.strip()):
         shown = "" if spec.secret else f" {raw.strip()!r}"
         raise _BadValue(
             f"is still the placeholder{shown}: replace it with the real value, or set {spec.env_var}"
@@ -604,8 +606,30 @@ def load(
     return settings
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
-    """Add ``--config PATH`` and one ``--key-name`` flag per setting (default None = not given)."""
+def program_parser(
+    prog: str, summary: str, examples: Sequence[str], *, usage: str | None = None
+) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` starts with one short usage line and worked examples.
+
+    argparse's own usage line lists every flag (dozens for the agent), which hides how to
+    start the program; the flags are listed below the examples anyway.
+    """
+    lines = [textwrap.fill(summary, 79), "", "examples:", *(f"  {example}" for example in examples)]
+    return argparse.ArgumentParser(
+        prog=prog,
+        usage=usage or f"{prog} [--config PATH] [--KEY-NAME VALUE ...]",
+        description="\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type[Settings], *, exclude: Collection[str] = ()
+) -> None:
+    """Add ``--config PATH`` and one ``--key-name`` flag per setting (default None = not given).
+
+    ``exclude`` names settings a program decides itself, so it does not offer flags it would ignore.
+    """
     parser.add_argument(
         "--config",
         type=Path,
@@ -614,6 +638,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
         help="YAML settings file; flags and FLUIDITY_* environment variables override it",
     )
     for spec in field_specs(cls).values():
+        if spec.name in exclude:
+            continue
         parser.add_argument(
             spec.flag, dest=spec.name, default=None, help=_flag_help(spec), **_flag_kind(spec)
         )
@@ -635,7 +661,7 @@ def _flag_kind(spec: FieldSpec) -> dict[str, Any]:
 
 def _flag_help(spec: FieldSpec) -> str:
     default = spec.default_value()
-    if spec.secret or default is None or default == []:
+    if spec.secret or default is None or default == [] or default == "":
         default_text = ""
     elif spec.kind == "duration":
         default_text = f"default {format_duration(default)}; "
@@ -656,6 +682,29 @@ def overrides_from_args(namespace: argparse.Namespace, cls: type[Settings]) -> d
         for name in field_specs(cls)
         if getattr(namespace, name, None) is not None
     }
+
+
+def settings_flags(
+    namespace: argparse.Namespace, cls: type[Settings], *, cwd: Path | None = None
+) -> list[str]:
+    """The settings given on the command line as flags again (paths made absolute).
+
+    For starting the same program later from elsewhere (at login), so it behaves the same.
+    Secrets are left out: a login entry is a file other programs may read.
+    """
+    base = cwd or Path.cwd()
+    flags: list[str] = []
+    for spec in field_specs(cls).values():
+        value = getattr(namespace, spec.name, None)
+        if value is None or spec.secret:
+            continue
+        if spec.base is bool:
+            flags.append(spec.flag if value else "--no-" + spec.flag.removeprefix("--"))
+        elif spec.base is Path and str(value).strip():
+            flags += [spec.flag, str(_absolute(Path(str(value).strip()), base))]
+        else:
+            flags += [spec.flag, str(value)]
+    return flags
 
 
 def load_from_args(

@@ -4,8 +4,7 @@ One module shared by the agent, the tunnel server and the Lambda handlers. It tu
 bytes into typed events and method calls into bytes, and keeps the per-connection and
 per-stream state (handshake, stream lifecycle, credit-based flow control). It never
 touches sockets, threads or clocks, so it can be fuzzed and reasoned about alone;
-the event-loop I/O lives in ``server.tunnel_session`` (server) and the threaded I/O in
-``server.tunnel_link`` (agent).
+the event-loop I/O, shared by the agent and the server, lives in ``server.tunnel_session``.
 
 Wire format: every frame is a 10-byte header ``type:u8 flags:u8 stream:u32 length:u32``
 followed by ``length`` payload bytes. Stream 0 carries connection-level frames.
@@ -15,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,9 @@ DEFAULT_INITIAL_WINDOW = 1024 * 1024
 #: What a receiver lets all streams of one tunnel have in flight together (as HTTP/2's
 #: connection window): the sum of stream buffers stays bounded whatever the stream count.
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
+#: DATA frames are cut to this size when several streams have output, so a stream with a few
+#: bytes to send waits for at most one such frame per busy stream, not for a whole window.
+DATA_QUANTUM = 16 * 1024
 #: Control frames the peer's input made us queue (OPEN_FAIL, RESET, WINDOW) may not pile up
 #: beyond this while the peer does not read them; PONGs are coalesced and never pile up.
 DEFAULT_MAX_CONTROL_BACKLOG = 256 * 1024
@@ -394,6 +398,16 @@ class StreamState(enum.Enum):
 
 
 @dataclass(slots=True)
+class _Outgoing:
+    """DATA (and a FIN after it) queued for one stream, waiting for its turn on the tunnel."""
+
+    chunks: deque[bytes] = field(default_factory=deque)
+    size: int = 0
+    fin: bool = False
+    reset: bytes | None = None  # a RESET payload to send once the data is out
+
+
+@dataclass(slots=True)
 class _Stream:
     state: StreamState
     send_credit: int
@@ -416,7 +430,10 @@ class TunnelConnection:
     max_control_backlog: int = DEFAULT_MAX_CONTROL_BACKLOG
     state: ConnectionState = ConnectionState.HANDSHAKE
     peer_hello: Hello | None = None
-    _out: bytearray = field(default_factory=bytearray)
+    _out: bytearray = field(default_factory=bytearray)  # control frames: they always go first
+    _outgoing: dict[int, _Outgoing] = field(default_factory=dict)
+    _ready: deque[int] = field(default_factory=deque)  # streams with output, in round-robin order
+    _queued_data: int = 0
     _pong: bytes | None = None  # the one PONG owed to the peer (later PINGs replace it)
     _control_backlog: int = 0  # bytes of non-DATA frames queued since the last data_to_send()
     _conn_send_credit: int = 0  # connection-level DATA bytes we may still send
@@ -458,8 +475,13 @@ class TunnelConnection:
         self._emit(FrameType.HELLO, 0, hello.encode())
         self._hello_sent = True
 
-    def data_to_send(self) -> bytearray:
-        """Hand over everything queued for the peer (the buffer itself: no copy)."""
+    def data_to_send(self, limit: int | None = None) -> bytearray:
+        """Frames for the peer: every control frame, then DATA round-robin across streams.
+
+        ``limit`` (bytes, roughly) bounds the DATA taken now, so what has not left yet can
+        still be reordered: a stream that queues a little goes out in the next turn instead
+        of behind megabytes of another stream's data. Without a limit, everything queued.
+        """
         if self._pong is not None:
             self._out += HEADER.pack(FrameType.PONG, 0, 0, PING_LENGTH)
             self._out += self._pong
@@ -467,11 +489,56 @@ class TunnelConnection:
         out = self._out
         self._out = bytearray()
         self._control_backlog = 0
+        ready = self._ready
+        if ready:
+            budget = self._queued_data if limit is None else limit
+            quantum = DATA_QUANTUM if len(ready) > 1 or limit is not None else budget
+            while ready and budget > 0:
+                sid = ready.popleft()
+                queue = self._outgoing[sid]
+                budget -= self._take(queue, sid, min(quantum, budget), out)
+                if queue.size:
+                    ready.append(sid)
+                else:
+                    if queue.fin:
+                        out += HEADER.pack(FrameType.FIN, 0, sid, 0)
+                    if queue.reset is not None:
+                        out += HEADER.pack(FrameType.RESET, 0, sid, len(queue.reset))
+                        out += queue.reset
+                    del self._outgoing[sid]
         return out
+
+    def _take(self, queue: _Outgoing, sid: int, amount: int, out: bytearray) -> int:
+        """Move up to ``amount`` bytes of ``queue`` into ``out`` as DATA frames of max_payload."""
+        assert self.peer_hello is not None
+        frame = self.peer_hello.max_payload
+        taken = 0
+        chunks = queue.chunks
+        while chunks and taken < amount:
+            chunk = chunks[0]
+            size = min(len(chunk), amount - taken, frame)
+            out += HEADER.pack(FrameType.DATA, 0, sid, size)
+            if size == len(chunk):
+                out += chunk
+                chunks.popleft()
+            else:
+                out += chunk[:size]
+                chunks[0] = chunk[size:]
+            taken += size
+        queue.size -= taken
+        self._queued_data -= taken
+        return taken
 
     @property
     def pending_output(self) -> int:
-        return len(self._out) + (HEADER_SIZE + PING_LENGTH if self._pong is not None else 0)
+        """Bytes waiting to leave: control frames, the owed PONG and queued DATA."""
+        pong = HEADER_SIZE + PING_LENGTH if self._pong is not None else 0
+        return len(self._out) + pong + self._queued_data
+
+    def queued(self, stream_id: int) -> int:
+        """DATA bytes of this stream that have not left yet."""
+        queue = self._outgoing.get(stream_id)
+        return queue.size if queue is not None else 0
 
     @property
     def connection_send_credit(self) -> int:
@@ -516,44 +583,78 @@ class TunnelConnection:
     def send_credit(self, stream_id: int) -> int:
         """How many DATA bytes may be sent on the stream now (0 if closed or blocked)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.state is not StreamState.OPEN or stream.local_fin:
+        if stream is None or not self._may_send(stream):
             return 0
         return min(stream.send_credit, self._conn_send_credit)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
-        """Queue as much of ``data`` as the stream's credit allows; returns the bytes taken."""
+        """Queue as much of ``data`` as the stream's credit allows; returns the bytes taken.
+
+        The agent may send on a stream it is still opening (0-RTT): the server holds the
+        bytes, within the window, until its dial completes.
+        """
         stream = self._require(stream_id)
-        if stream.state is not StreamState.OPEN or stream.local_fin:
+        if not self._may_send(stream):
             raise UsageError(f"stream {stream_id} is not open for sending")
-        assert self.peer_hello is not None
-        chunk = self.peer_hello.max_payload
         taken = min(len(data), stream.send_credit, self._conn_send_credit)
-        offset = 0
-        out = self._out
-        while offset < taken:
-            end = min(offset + chunk, taken)
-            out += HEADER.pack(FrameType.DATA, 0, stream_id, end - offset)
-            out += data[offset:end]
-            offset = end
-        stream.send_credit -= taken
-        self._conn_send_credit -= taken
+        if taken:
+            queue = self._outgoing.get(stream_id)
+            if queue is None:
+                queue = self._outgoing[stream_id] = _Outgoing()
+                self._ready.append(stream_id)
+            queue.chunks.append(bytes(data[:taken]))
+            queue.size += taken
+            self._queued_data += taken
+            stream.send_credit -= taken
+            self._conn_send_credit -= taken
         return taken
 
     def end_stream(self, stream_id: int) -> None:
-        """Half-close our direction of the stream."""
+        """Half-close our direction of the stream (after what is queued for it)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_fin:
             return
-        if stream.state is not StreamState.OPEN:
+        if not self._may_send(stream):
             raise UsageError(f"stream {stream_id} is not open")
         stream.local_fin = True
-        self._emit(FrameType.FIN, stream_id)
+        queue = self._outgoing.get(stream_id)
+        if queue is not None:
+            queue.fin = True
+        else:
+            self._emit(FrameType.FIN, stream_id)
         self._maybe_forget(stream_id, stream)
 
-    def reset_stream(self, stream_id: int, reason: FailReason, message: str = "") -> None:
+    def reset_stream(
+        self, stream_id: int, reason: FailReason, message: str = "", *, discard_queued: bool = True
+    ) -> None:
+        """Abort the stream. What it still had queued never leaves (and costs no link time),
+        unless ``discard_queued`` is False: then the RESET follows that data (a target that
+        answered and then broke: its answer still counts)."""
         if self._streams.pop(stream_id, None) is None:
             return
-        self._emit(FrameType.RESET, stream_id, _encode_reason(reason, message))
+        payload = _encode_reason(reason, message)
+        queue = self._outgoing.get(stream_id)
+        if queue is not None and not discard_queued:
+            queue.reset = payload
+            return
+        self._drop_outgoing(stream_id)
+        self._emit(FrameType.RESET, stream_id, payload)
+
+    def _may_send(self, stream: _Stream) -> bool:
+        if stream.local_fin:
+            return False
+        return stream.state is StreamState.OPEN or self.role is Role.AGENT
+
+    def _drop_outgoing(self, stream_id: int) -> None:
+        queue = self._outgoing.pop(stream_id, None)
+        if queue is None:
+            return
+        self._queued_data -= queue.size
+        self._conn_send_credit += queue.size  # never sent: the peer's window never saw it
+        try:
+            self._ready.remove(stream_id)
+        except ValueError:
+            pass
 
     def acknowledge(self, stream_id: int, consumed: int) -> None:
         """The application has consumed (or discarded) ``consumed`` received bytes: return credit.
@@ -603,6 +704,9 @@ class TunnelConnection:
     def close(self) -> None:
         self.state = ConnectionState.CLOSED
         self._streams.clear()
+        self._outgoing.clear()
+        self._ready.clear()
+        self._queued_data = 0
 
     # ----- inbound --------------------------------------------------------
 
@@ -752,12 +856,14 @@ class TunnelConnection:
                 return StreamOpened(sid)
             reason, message = _decode_reason(frame.payload, "OPEN_FAIL")
             del self._streams[sid]
+            self._drop_outgoing(sid)
             return StreamOpenFailed(sid, reason, message)
         if ftype is FrameType.RESET:
             reason, message = _decode_reason(frame.payload, "RESET")
             del self._streams[sid]
+            self._drop_outgoing(sid)
             return StreamReset(sid, reason, message)
-        if stream.state is not StreamState.OPEN:
+        if stream.state is not StreamState.OPEN and self.role is Role.AGENT:
             raise ProtocolError(f"{ftype.name} on stream {sid} before it was opened")
         if ftype is FrameType.DATA:
             if stream.remote_fin:
@@ -900,14 +1006,41 @@ class ControlPlaneError:
         )
 
 
+_HTML_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
+_HTML_TAG = re.compile(r"<[^>]*>")
+#: Longest piece of a non-JSON reply quoted in an error message.
+REPLY_QUOTE_LIMIT = 120
+
+
+def summarise_reply_body(body: bytes) -> str:
+    """A non-JSON reply in a few words: an HTML page by its title, other text by its start.
+
+    A proxy, a captive portal or a wrong api_url answers with a whole web page; quoting it
+    would bury the one useful fact (which page it is) in markup.
+    """
+    head = body[:65536]
+    if re.search(rb"<(!doctype\s+html|html|head|body)\b", head, re.I):
+        title = _HTML_TITLE.search(head)
+        text = title.group(1) if title else head
+        words = " ".join(_HTML_TAG.sub(" ", text.decode("utf-8", "replace")).split())
+        return f"an HTML page ({_clip(words)})" if words else "an HTML page"
+    words = " ".join(head[:1024].decode("utf-8", "replace").split())
+    return repr(_clip(words)) if words else "an empty body"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= REPLY_QUOTE_LIMIT else text[: REPLY_QUOTE_LIMIT - 1] + "…"
+
+
 def parse_control_reply(http_status: int, body: bytes) -> ServerStatus | ControlPlaneError:
     """Parse an HTTP reply of the control plane (API Gateway adds its own ``{"message": ...}`` errors)."""
     try:
         parsed = json.loads(body.decode("utf-8")) if body else {}
     except (UnicodeDecodeError, ValueError, RecursionError):
-        text = body[:200].decode("utf-8", "replace")
         return ControlPlaneError(
-            "bad_reply", f"control plane answered HTTP {http_status}: {text}", http_status
+            "bad_reply",
+            f"control plane answered HTTP {http_status} with {summarise_reply_body(body)}, not JSON",
+            http_status,
         )
     if 200 <= http_status < 300:
         return ServerStatus.from_json(parsed)

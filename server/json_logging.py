@@ -1,7 +1,9 @@
-"""Log set-up shared by the server and the agent: one JSON object per line.
+"""Log set-up shared by the server and the agent: one JSON object per line, or short lines for people.
 
 Why JSON: CloudWatch Logs Insights and ``jq`` can filter on fields (stream ids, hosts,
 reasons) passed with ``extra={...}``; a one-line record also survives log shipping intact.
+Why not always: someone reading a terminal wants ``12:04:31 info  Connected … server=…``, so
+a stream that is a terminal gets ``ConsoleFormatter`` unless ``log_format`` says otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ import json
 import logging
 import logging.handlers
 import math
+import os
+import re
 import sys
+import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, TextIO
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+#: ``auto``: short coloured lines on a terminal, JSON for files, pipes and containers.
+LogFormat = Literal["auto", "json", "text"]
 
 LOG_FILE_MAX_BYTES = 1024 * 1024
 LOG_FILE_BACKUPS = 3
@@ -150,6 +158,75 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+#: The console's level names: one width, so messages line up.
+_CONSOLE_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error", "CRITICAL": "crit"}
+#: ANSI colours per level (SGR parameters).
+_CONSOLE_COLOURS = {"debug": "2", "info": "32", "warn": "33", "error": "1;31", "crit": "1;31"}
+_PLAIN_VALUE = re.compile(r"[^\s\"'=]+")
+
+
+def _console_value(value: object) -> str:
+    """An extra's value as people read it: bare when unambiguous, else JSON-quoted."""
+    safe = json_safe(value)
+    if isinstance(safe, str) and _PLAIN_VALUE.fullmatch(safe):
+        return safe
+    return json.dumps(safe, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``12:04:31 info  message key=value``: local time, a short level (coloured on request)."""
+
+    def __init__(self, *, colour: bool = False, include_traceback: bool = False) -> None:
+        super().__init__()
+        self.colour = colour
+        self.include_traceback = include_traceback
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _CONSOLE_LEVELS.get(record.levelname, record.levelname.lower())
+        shown = f"{level:<5}"
+        if self.colour:
+            shown = f"\x1b[{_CONSOLE_COLOURS.get(level, '0')}m{shown}\x1b[0m"
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {shown} {_message(record)}"
+        extras = extra_fields(record)
+        if extras:
+            line += " " + " ".join(f"{key}={_console_value(value)}" for key, value in extras.items())
+        error = _error_text(record)
+        if error is not None:
+            line += f" error={_console_value(error)}"
+        if self.include_traceback:
+            trace = _traceback_text(record)
+            if trace is not None:
+                line += "\n" + trace
+        return line
+
+
+def is_terminal(stream: object) -> bool:
+    """True when ``stream`` is an interactive terminal (not a file, pipe or container log)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # closed or detached streams
+        return False
+
+
+def supports_colour(stream: object, environ: Mapping[str, str] = os.environ) -> bool:
+    """Colour only for a terminal that understands ANSI and a user who has not asked for none."""
+    if not is_terminal(stream) or "NO_COLOR" in environ or environ.get("TERM") == "dumb":
+        return False
+    if os.name == "nt":  # the classic console needs VT mode; Windows Terminal and ANSICON have it
+        return "WT_SESSION" in environ or "ANSICON" in environ
+    return True
+
+
+def stream_format(log_format: str, stream: object) -> Literal["json", "text"]:
+    """What ``log_format`` means for this stream: ``auto`` is text on a terminal, else JSON."""
+    if log_format == "auto":
+        return "text" if is_terminal(stream) else "json"
+    if log_format in ("json", "text"):
+        return log_format  # type: ignore[return-value]
+    raise ValueError(f"unknown log format {log_format!r}; expected auto, json or text")
+
+
 def _mark(handler: logging.Handler) -> logging.Handler:
     """Tag a handler so configure_logging replaces only the handlers it installed."""
     handler._fluidity_owned = True  # type: ignore[attr-defined]
@@ -161,35 +238,45 @@ def configure_logging(
     log_file: Path | None = None,
     *,
     json_format: bool = True,
+    log_format: str = "auto",
     stream: TextIO | None | Literal["stderr"] = "stderr",
 ) -> None:
     """Send every log record to ``stream`` and optionally ``log_file`` (rotated 1 MiB x 3).
 
+    ``log_format`` "auto" writes short human lines to a terminal and JSON everywhere else
+    (files, pipes, containers); "json" or "text" forces that format for both. ``json_format``
+    False is the older switch for the one-line ``TextFormatter`` everywhere.
     Calling again replaces the handlers this function installed and leaves others alone.
     ``stream`` defaults to the process's stderr at call time; None writes to no stream
     (windowed apps have no stderr). Tracebacks are included only at debug level.
     """
     numeric_level = parse_level(level)
     include_traceback = numeric_level <= logging.DEBUG
-    formatter: logging.Formatter = (
-        JsonFormatter(include_traceback=include_traceback)
-        if json_format
-        else TextFormatter(include_traceback=include_traceback)
-    )
-    handlers: list[logging.Handler] = []
     target = sys.stderr if stream == "stderr" else stream
+    stream_kind = stream_format(log_format, target)
+    handlers: list[tuple[logging.Handler, logging.Formatter]] = []
+
+    def formatter_for(kind: str, for_stream: bool) -> logging.Formatter:
+        if not json_format:
+            return TextFormatter(include_traceback=include_traceback)
+        if kind == "json":
+            return JsonFormatter(include_traceback=include_traceback)
+        if for_stream:
+            return ConsoleFormatter(colour=supports_colour(target), include_traceback=include_traceback)
+        return TextFormatter(include_traceback=include_traceback)
+
     if target is not None and not isinstance(target, str):
-        handlers.append(logging.StreamHandler(target))
+        handlers.append((logging.StreamHandler(target), formatter_for(stream_kind, True)))
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.RotatingFileHandler(
-                log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
-            )
+        file_kind = "text" if log_format == "text" else "json"
+        rotating = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
+        handlers.append((rotating, formatter_for(file_kind, False)))
     reset_logging()
     root = logging.getLogger()
-    for handler in handlers:
+    for handler, formatter in handlers:
         handler.setFormatter(formatter)
         root.addHandler(_mark(handler))
     root.setLevel(numeric_level)

@@ -13,17 +13,22 @@ from collections.abc import Sequence
 
 from server import __version__
 from server.config import ServerConfig
-from server.config_loader import ConfigError, add_arguments, load_from_args
-from server.json_logging import configure_logging
+from server.config_loader import ConfigError, add_arguments, load_from_args, program_parser
+from server.json_logging import configure_logging, stream_format
 from server.tls import TlsSetupError
 
 log = logging.getLogger("fluidity.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fluidity-server",
-        description="Fluidity tunnel server: accepts agents over mutual TLS 1.3 and relays their streams.",
+    parser = program_parser(
+        "fluidity-server",
+        "Fluidity tunnel server: accepts agents over mutual TLS 1.3 and relays their streams. "
+        "Every setting below can also be given in the --config file or as FLUIDITY_<KEY>.",
+        (
+            "fluidity-server --config ./configs/server.yaml          as in the Fargate container",
+            "fluidity-server --config ./configs/server.local.yaml --listen-port 9443",
+        ),
     )
     parser.add_argument("--version", action="version", version=f"fluidity-server {__version__}")
     parser.add_argument(
@@ -48,8 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = health_problem(config)
         print(f"fluidity-server: {problem or 'healthy'}", file=sys.stderr if problem else sys.stdout)
         return 1 if problem else 0
-    configure_logging(config.log_level, config.log_file)
+    configure_logging(config.log_level, config.log_file, log_format=config.log_format)
     return run(config)
+
+
+def _fail(config: ServerConfig, log_message: str, plain: str) -> int:
+    """Say why the server cannot start, once for whoever reads stderr.
+
+    The log line is for CloudWatch and ``fluidity doctor``; the plain ``fluidity-server: ...``
+    line is for people, and is left out when stderr already shows the log as text lines.
+    """
+    log.error(log_message)
+    if stream_format(config.log_format, sys.stderr) == "json":
+        print(f"fluidity-server: {plain}", file=sys.stderr)
+    return 2
 
 
 def run(config: ServerConfig) -> int:
@@ -59,17 +76,13 @@ def run(config: ServerConfig) -> int:
     try:
         written = write_pem_secrets(config)
     except (SecretError, OSError) as exc:
-        log.error("cannot write certificates from secrets: %s", exc)
-        print(f"fluidity-server: {exc}", file=sys.stderr)
-        return 2
+        return _fail(config, f"cannot write certificates from secrets: {exc}", str(exc))
     if written:
         log.info("certificates written from secrets", extra={"files": [str(path) for path in written]})
     try:
         context = server_context(config.ca_file, config.cert_file, config.key_file)
     except TlsSetupError as exc:
-        log.error("cannot start: %s", exc)
-        print(f"fluidity-server: {exc}", file=sys.stderr)
-        return 2
+        return _fail(config, f"cannot start: {exc}", str(exc))
     raise_open_file_limit()
     return asyncio.run(serve(config, context))
 
@@ -98,9 +111,7 @@ async def serve(config: ServerConfig, context: ssl.SSLContext) -> int:
         await server.start()
     except OSError as exc:
         message = f"cannot listen on {config.listen_address}:{config.listen_port}: {exc.strerror or exc}"
-        log.error(message)
-        print(f"fluidity-server: {message}", file=sys.stderr)
-        return 2
+        return _fail(config, message, message)
 
     publisher = None
     if config.emit_metrics:

@@ -1,6 +1,6 @@
 """What a tunnel stream looks like to its users, and the errors it reports.
 
-Shared by the agent's proxy and the tunnel server, so both relay the same way.
+Shared by the agent's proxy, its dialers and the tunnel, so every stream relays the same way.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ class StreamClosedError(ConnectionError):
 
 
 class ByteStream(Protocol):
-    """A bidirectional, half-closable byte stream with socket-like blocking calls."""
+    """A bidirectional, half-closable byte stream for coroutines on the event loop."""
 
-    def sendall(self, data: bytes | memoryview) -> None:
-        """Send all bytes, blocking while the peer's window is full; raises StreamClosedError."""
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all bytes, waiting while the peer's window is full; raises StreamClosedError."""
 
-    def recv(self, max_bytes: int) -> bytes:
-        """Block for data; ``b""`` once the peer half-closed; raises StreamClosedError on reset."""
+    async def recv(self, max_bytes: int) -> bytes:
+        """Wait for data; ``b""`` once the peer half-closed; raises StreamClosedError on reset."""
 
     def shutdown_write(self) -> None:
         """Half-close: tell the peer no more data follows."""

@@ -1,9 +1,7 @@
 """Mutual TLS 1.3 for the tunnel, shared by agent and server.
 
-TLS runs over in-memory BIOs (``ssl.SSLObject``) instead of ``SSLSocket`` so one reader
-thread and one writer thread can use a connection at the same time: OpenSSL forbids
-concurrent use of one SSL object, so every call into it is serialised by a lock while
-the raw TCP socket is read and written outside the lock.
+TLS runs over in-memory BIOs (``ssl.SSLObject``) instead of ``SSLSocket``, so the event
+loop moves the bytes and TLS itself never touches a socket (``TlsSession``).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import re
 import socket
 import ssl
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -215,186 +212,74 @@ def describe_ssl_error(exc: BaseException) -> str:
     return text
 
 
-class TlsChannel:
-    """A TLS session over a connected TCP socket, safe for one reader and one writer thread."""
+class BlockingTls:
+    """A ``TlsSession`` driven over a blocking socket, for one-shot probes (``fluidity doctor``)."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        context: ssl.SSLContext,
-        *,
-        server_side: bool,
-        server_hostname: str | None = None,
-    ) -> None:
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_hostname: str) -> None:
         self.sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
-        )
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._closed = False
-
-    # ----- handshake ------------------------------------------------------
+        self.session = TlsSession(context, server_side=False, server_hostname=server_hostname)
 
     def handshake(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        received_any = False
         while True:
-            with self._lock:
-                try:
-                    self._ssl.do_handshake()
-                    done = True
-                except ssl.SSLWantReadError:
-                    done = False
-                except ssl.SSLError as exc:
-                    out = self._outgoing.read()
-                    self._flush_quietly(out)
-                    raise TlsError(describe_ssl_error(exc)) from None
-                out = self._outgoing.read()
-            if out:
-                self._send_raw(out, deadline)
+            try:
+                done = self.session.handshake()
+            finally:
+                self._flush()
             if done:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("TLS handshake timed out")
             self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(READ_CHUNK)
-            except TimeoutError:
-                raise TimeoutError("TLS handshake timed out") from None
-            finally:
-                self.sock.settimeout(None)
+            data = self.sock.recv(READ_CHUNK)
             if not data:
-                if not received_any:
+                if not self.session.received_any:
                     raise SilentClose("peer closed the connection before the TLS handshake")
                 raise TlsError("connection closed during the TLS handshake")
-            received_any = True
-            with self._lock:
-                self._incoming.write(data)
-
-    def _flush_quietly(self, data: bytes) -> None:
-        if data:
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                pass
-
-    def _send_raw(self, data: bytes, deadline: float | None = None) -> None:
-        with self._send_lock:
-            if deadline is not None:
-                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                self.sock.sendall(data)
-            finally:
-                if deadline is not None:
-                    self.sock.settimeout(None)
+            self.session.receive(data)
 
     @property
     def version(self) -> str | None:
-        return self._ssl.version()
-
-    def peer_subject(self) -> str:
-        return format_subject(self._ssl.getpeercert())
-
-    # ----- data -----------------------------------------------------------
-
-    def recv(self) -> bytes:
-        """Block until plaintext arrives; ``b""`` at end of stream. Raises TlsError/OSError."""
-        while True:
-            self._lock.acquire()
-            try:
-                chunks = self._drain_plaintext()
-                out = self._outgoing.read()
-                if out:  # e.g. alerts, TLS 1.3 key updates: must keep record order with the writer
-                    self._send_lock.acquire()
-            finally:
-                self._lock.release()
-            if out:
-                try:
-                    self.sock.sendall(out)
-                finally:
-                    self._send_lock.release()
-            if chunks is None:
-                return b""
-            if chunks:
-                return b"".join(chunks) if len(chunks) > 1 else chunks[0]
-            data = self.sock.recv(READ_CHUNK)
-            with self._lock:
-                if data:
-                    self._incoming.write(data)
-                else:
-                    self._incoming.write_eof()
-
-    def _drain_plaintext(self) -> list[bytes] | None:
-        chunks: list[bytes] = []
-        while True:
-            try:
-                piece = self._ssl.read(READ_CHUNK)
-            except ssl.SSLWantReadError:
-                return chunks
-            except ssl.SSLZeroReturnError:
-                return chunks or None
-            except ssl.SSLEOFError:
-                return chunks or None
-            except ssl.SSLError as exc:
-                raise TlsError(describe_ssl_error(exc)) from None
-            if not piece:
-                return chunks or None
-            chunks.append(piece)
+        return self.session.version
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        # Ciphertext must reach the socket in the order it was produced, so the send lock is
-        # taken before the SSL lock is released.
-        self._lock.acquire()
-        try:
-            try:
-                self._ssl.write(data)
-            except ssl.SSLError as exc:
-                raise TlsError(describe_ssl_error(exc)) from None
-            out = self._outgoing.read()
-            self._send_lock.acquire()
-        finally:
-            self._lock.release()
-        try:
-            self.sock.sendall(out)
-        finally:
-            self._send_lock.release()
+        self.session.write(data)
+        self._flush()
+
+    def recv(self) -> bytes:
+        """Plaintext as it arrives (blocking per the socket's timeout); ``b""`` at the end."""
+        while True:
+            chunks, ended = self.session.read()
+            self._flush()
+            if chunks:
+                return b"".join(chunks)
+            if ended:
+                return b""
+            data = self.sock.recv(READ_CHUNK)
+            if data:
+                self.session.receive(data)
+            else:
+                self.session.receive_eof()
 
     def close(self) -> None:
-        """Send close_notify (best effort) and close the socket; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+        self.session.close()
         try:
-            with self._lock:
-                try:
-                    self._ssl.unwrap()
-                except (ssl.SSLError, ValueError):
-                    pass
-                out = self._outgoing.read()
-            if out:
-                self.sock.settimeout(0.5)
-                self.sock.sendall(out)
+            self._flush()
         except OSError:
             pass
-        finally:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.sock.close()
+        self.abort()
 
     def abort(self) -> None:
-        """Close without a TLS goodbye (dead link or protocol violation)."""
-        self._closed = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
         except OSError:
             pass
-        self.sock.close()
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            self.sock.sendall(out)
 
 
 class TlsSession:

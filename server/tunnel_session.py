@@ -22,8 +22,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from server.framing import (
     DataReceived,
@@ -35,11 +36,15 @@ from server.framing import (
     HelloReceived,
     ProtocolError,
     StreamEnded,
+    StreamOpened,
+    StreamOpenFailed,
     StreamOpenRequested,
     StreamReset,
     TunnelConnection,
+    UsageError,
     WindowOpened,
 )
+from server.stream_api import DialError, StreamClosedError
 from server.tls import TlsError, TlsSession
 
 #: Queued TLS output above which the tunnel stops taking more from its streams.
@@ -48,7 +53,7 @@ TUNNEL_WRITE_LOW = 128 * 1024
 #: Protocol output (frames not yet encrypted) a stream may add to before it must wait.
 OUTPUT_BUDGET = 1024 * 1024
 #: Largest single read from a stream's socket (one shared buffer per loop).
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 #: A stream's socket buffer above which received data is no longer credited back.
 STREAM_WRITE_HIGH = 256 * 1024
 STREAM_WRITE_LOW = 64 * 1024
@@ -91,14 +96,36 @@ class StreamRelay(asyncio.BufferedProtocol):
         self._fin_sent = False
         self._remote_eof = False
         self._done = False
+        self._out: list[bytes] = []  # delivered during this read of the tunnel: one write at its end
+        self.finished: asyncio.Future[None] = session.loop.create_future()
+
+    def adopt(self, transport: asyncio.Transport, *, remote_eof: bool, fin_sent: bool) -> None:
+        """Take over a connected socket whose stream was served by coroutine code until now
+        (the agent after CONNECT), so the rest of its life costs no coroutine hops."""
+        self._remote_eof = remote_eof
+        self._fin_sent = self._local_eof = fin_sent
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if remote_eof and transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except OSError:
+                transport.abort()
+                return
+        if not fin_sent:
+            transport.resume_reading()
+        self.unblock()
+
+    def send_first(self, data: bytes) -> None:
+        """Bytes the client already sent for this stream before the relay took over."""
+        self._pending += data
 
     # ----- the local socket -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # another loop's transports need not subclass it
         set_nodelay(transport.get_extra_info("socket"))
-        transport.set_write_buffer_limits(high=STREAM_WRITE_HIGH, low=STREAM_WRITE_LOW)
+        self.transport.set_write_buffer_limits(high=STREAM_WRITE_HIGH, low=STREAM_WRITE_LOW)
         if self.session.read_allowance(self.stream_id) <= 0:
             self._pause()
 
@@ -136,6 +163,8 @@ class StreamRelay(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
+        if not self.finished.done():
+            self.finished.set_result(None)
         if isinstance(exc, BrokenPipeError | ConnectionResetError) and not self._local_eof:
             self._salvage()
         self.session.relay_lost(self, exc, clean=self._fin_sent and self._remote_eof)
@@ -161,8 +190,20 @@ class StreamRelay(asyncio.BufferedProtocol):
     # ----- the tunnel side ----------------------------------------------------
 
     def deliver(self, data: bytes) -> None:
-        assert self.transport is not None
         self.last_activity = self.session.loop.time()
+        if not self._out:
+            self.session.deliveries.append(self)
+        self._out.append(data)
+
+    def write_out(self) -> None:
+        """Write what this read of the tunnel delivered, in one go (fewer, larger socket writes)."""
+        if not self._out or self.transport is None:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        if self._done:
+            self.session.consumed(self.stream_id, len(data))
+            return
         self.transport.write(data)
         if self._write_paused:
             self._held += len(data)
@@ -172,13 +213,19 @@ class StreamRelay(asyncio.BufferedProtocol):
     def remote_eof(self) -> None:
         self._remote_eof = True
         assert self.transport is not None
+        self.write_out()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # the socket's peer is already gone
+                self.transport.abort()
+                return
         self._finish_if_done()
 
-    def abort(self) -> None:
+    def abort(self, message: str = "", reason: str = "cancelled") -> None:
         """The peer reset the stream or the tunnel died: drop the socket at once."""
         self._done = True
+        self.write_out()  # credits the dropped bytes back
         if self.transport is not None:
             self.transport.abort()
 
@@ -224,6 +271,152 @@ class StreamRelay(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+class TunnelStream:
+    """A stream for coroutine code (the agent's HTTP exchanges): ``await recv`` / ``await sendall``.
+
+    What the peer sends waits here, bounded by the stream window, and is credited back as
+    it is read; sending waits for credit. Implements the ``ByteStream`` protocol.
+    """
+
+    def __init__(self, session: TunnelSession, stream_id: int, host: str, port: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.host = host
+        self.port = port
+        self.last_activity = session.loop.time()
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: StreamClosedError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._fin_sent = False
+        self._closed = False
+
+    # ----- what the session calls ---------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        self.last_activity = self.session.loop.time()
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def remote_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def abort(self, message: str = "stream closed", reason: str = "cancelled") -> None:
+        """Reset by the peer or the tunnel: what arrived before stays readable (an early 413)."""
+        if self._error is None:
+            self._error = StreamClosedError(message, reason)
+        self._wake()
+
+    def unblock(self) -> bool:
+        self._wake()
+        return True
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes waiting for the reader (bounded by the stream window)."""
+        return self._buffered
+
+    # ----- ByteStream ----------------------------------------------------------
+
+    async def recv(self, max_bytes: int) -> bytes:
+        while not self._buffer:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            await self._wait()
+        first = self._buffer[0]
+        if len(first) >= max_bytes:
+            data = first[:max_bytes]
+            self._buffer[0] = first[max_bytes:]
+            if not self._buffer[0]:
+                self._buffer.popleft()
+        elif len(self._buffer) == 1:
+            data = self._buffer.popleft()
+        else:  # several frames waiting: one larger read saves writes downstream
+            parts = []
+            size = 0
+            while self._buffer and size + len(self._buffer[0]) <= max_bytes:
+                piece = self._buffer.popleft()
+                parts.append(piece)
+                size += len(piece)
+            data = b"".join(parts)
+        self._buffered -= len(data)
+        self.session.consumed(self.stream_id, len(data))
+        return data
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._error is not None:
+                raise self._error
+            if self._fin_sent:
+                raise StreamClosedError("stream already shut down for writing", "internal")
+            allowance = self.session.read_allowance(self.stream_id)
+            if allowance > 0:
+                taken = self.session.send(self.stream_id, view[:allowance])
+                view = view[taken:]
+                self.last_activity = self.session.loop.time()
+                continue
+            self.session.block(self)
+            await self._wait()
+
+    def shutdown_write(self) -> None:
+        if not self._fin_sent and self._error is None:
+            self._fin_sent = True
+            self.session.end_stream(self.stream_id)
+
+    def close(self) -> None:
+        """Release the stream; resets it if either direction is still open."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            self._error = StreamClosedError("stream closed by the application", "cancelled")
+        self._drop_buffer()
+        self.session.release(self)
+
+    def take_over(self, transport: asyncio.Transport, target: str, first: bytes) -> StreamRelay:
+        """Hand the stream to a ``StreamRelay`` on the client's socket (after CONNECT or 101)."""
+        relay = StreamRelay(self.session, self.stream_id, target)
+        for chunk in self._buffer:
+            transport.write(chunk)
+            self.session.consumed(self.stream_id, len(chunk))
+        self._buffer.clear()
+        self._buffered = 0
+        self._closed = True
+        self.session.replace(self, relay)
+        if first:
+            relay.send_first(first)
+        relay.adopt(transport, remote_eof=self._eof, fin_sent=self._fin_sent)
+        return relay
+
+    # ----- internals -------------------------------------------------------------
+
+    def _drop_buffer(self) -> None:
+        if self._buffered:
+            self.session.consumed(self.stream_id, self._buffered)  # the connection's credit comes back
+        self._buffer.clear()
+        self._buffered = 0
+
+    async def _wait(self) -> None:
+        self._waiter = self.session.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+StreamEnd = StreamRelay | TunnelStream
+
+
 class TunnelSession(asyncio.Protocol):
     """One mTLS tunnel: handshake with a deadline, the protocol, its streams and timers."""
 
@@ -261,10 +454,12 @@ class TunnelSession(asyncio.Protocol):
         self.goaway: GoAwayReceived | None = None
         self.closed_reason: str | None = None
         self.closed = self.loop.create_future()
-        self.relays: dict[int, StreamRelay] = {}
+        self.relays: dict[int, StreamEnd] = {}
+        self._opening: dict[int, asyncio.Future[None]] = {}
         #: Work started for a stream not yet relayed (the server's dial), cancelled on RESET.
         self.pending: dict[int, asyncio.Task[Any]] = {}
-        self._blocked: set[StreamRelay] = set()
+        self._blocked: set[StreamEnd] = set()
+        self.deliveries: list[StreamRelay] = []  # relays with data from the current read
         self._write_paused = False
         self._flush_handle: asyncio.Handle | None = None
         self._tls_up = False
@@ -277,10 +472,9 @@ class TunnelSession(asyncio.Protocol):
     # ----- the tunnel socket --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # another loop's transports need not subclass it
         set_nodelay(transport.get_extra_info("socket"))
-        transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
+        self.transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
         self._arm_timer()
         self._drive_handshake()
 
@@ -353,21 +547,61 @@ class TunnelSession(asyncio.Protocol):
             if self.conn.pending_output:
                 self._schedule_flush()
 
-    def block(self, relay: StreamRelay) -> None:
+    def block(self, relay: StreamEnd) -> None:
         self._blocked.add(relay)
 
-    def relay_lost(self, relay: StreamRelay, exc: Exception | None, *, clean: bool) -> None:
+    def relay_lost(self, relay: StreamEnd, exc: Exception | None, *, clean: bool) -> None:
         self._blocked.discard(relay)
         if self.relays.get(relay.stream_id) is relay:
             del self.relays[relay.stream_id]
         if self.closed_reason is None and self.conn.is_open(relay.stream_id):
             if clean:
                 return
-            detail = f"connection to {relay.target} lost"
+            detail = f"connection to {getattr(relay, 'target', '?')} lost"
             if exc is not None:
                 detail += f": {getattr(exc, 'strerror', None) or exc}"
-            self.conn.reset_stream(relay.stream_id, FailReason.CANCELLED, detail)
+            # What the socket sent before it broke still reaches the peer, then the RESET.
+            self.conn.reset_stream(relay.stream_id, FailReason.CANCELLED, detail, discard_queued=False)
             self._schedule_flush()
+
+    async def open_stream(self, host: str, port: int, timeout: float) -> TunnelStream:
+        """Agent side: ask the server to dial ``host:port``; raises DialError."""
+        if not self.accepting_streams or not self.conn.can_open_streams:
+            raise DialError("tunnel_down", f"tunnel not usable: {self.closed_reason or 'closing'}")
+        try:
+            sid = self.conn.open_stream(host, port)
+        except UsageError as exc:
+            raise DialError("internal", str(exc)) from None
+        stream = TunnelStream(self, sid, host, port)
+        self.relays[sid] = stream
+        opened = self.loop.create_future()
+        self._opening[sid] = opened
+        self._schedule_flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await opened
+        except TimeoutError:
+            self.reset_stream(sid, FailReason.TIMEOUT, "agent gave up waiting")
+            raise DialError("timeout", f"no answer from the tunnel server within {timeout:g} s") from None
+        except BaseException:
+            self.reset_stream(sid, FailReason.CANCELLED, "cancelled by the agent")
+            raise
+        finally:
+            self._opening.pop(sid, None)
+        return stream
+
+    def release(self, stream: TunnelStream) -> None:
+        """A coroutine stream is done with: forget it, resetting it if it is still open."""
+        self._blocked.discard(stream)
+        if self.relays.get(stream.stream_id) is stream:
+            del self.relays[stream.stream_id]
+        if self.closed_reason is None and self.conn.is_open(stream.stream_id):
+            self.conn.reset_stream(stream.stream_id, FailReason.CANCELLED, "closed by the agent")
+            self._schedule_flush()
+
+    def replace(self, old: StreamEnd, new: StreamEnd) -> None:
+        self._blocked.discard(old)
+        self.relays[new.stream_id] = new
 
     def accept_stream(self, relay: StreamRelay) -> None:
         """Server side: the target is connected; OPEN_OK, and the relay may start reading."""
@@ -475,9 +709,16 @@ class TunnelSession(asyncio.Protocol):
                 self.close(f"protocol error: {exc.message}", goaway=exc.reason)
                 return
             for event in events:
-                self._dispatch(event)
+                try:
+                    self._dispatch(event)
+                except Exception:  # a bug at one stream's end must not take the tunnel down
+                    self.log.exception("stream event failed", extra={"tunnel": self.name})
+                    stream_id = getattr(event, "stream_id", 0)
+                    if stream_id:
+                        self.reset_stream(stream_id, FailReason.INTERNAL, "internal error at its end")
                 if self.closed_reason is not None:
                     return
+        self._write_out()
         self._write_tls()  # e.g. TLS 1.3 key updates
         if ended:
             self._finish(self._describe_eof())
@@ -500,7 +741,8 @@ class TunnelSession(asyncio.Protocol):
         elif isinstance(event, StreamReset):
             relay = self.relays.pop(event.stream_id, None)
             if relay is not None:
-                relay.abort()
+                label = event.reason.label
+                relay.abort(f"stream reset by peer ({label}): {event.message}", label)
             task = self.pending.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
@@ -511,6 +753,18 @@ class TunnelSession(asyncio.Protocol):
                 relay = self.relays.get(event.stream_id)
                 if relay is not None and relay in self._blocked and relay.unblock():
                     self._blocked.discard(relay)
+        elif isinstance(event, StreamOpened):
+            opened = self._opening.get(event.stream_id)
+            if opened is not None and not opened.done():
+                opened.set_result(None)
+            relay = self.relays.get(event.stream_id)
+            if relay is not None:
+                relay.unblock()
+        elif isinstance(event, StreamOpenFailed):
+            self.relays.pop(event.stream_id, None)
+            opened = self._opening.get(event.stream_id)
+            if opened is not None and not opened.done():
+                opened.set_exception(DialError(event.reason.label, event.message))
         elif isinstance(event, StreamOpenRequested):
             if self.on_open_request is not None:
                 self.on_open_request(self, event)
@@ -530,6 +784,11 @@ class TunnelSession(asyncio.Protocol):
                 "peer sent GOAWAY",
                 extra={"tunnel": self.name, "reason": event.reason.label, "detail": event.message},
             )
+
+    def _write_out(self) -> None:
+        deliveries, self.deliveries = self.deliveries, []
+        for relay in deliveries:
+            relay.write_out()
 
     def _wake_all(self) -> None:
         for relay in list(self._blocked):
@@ -593,11 +852,14 @@ class TunnelSession(asyncio.Protocol):
         for task in self.pending.values():
             task.cancel()
         self.pending.clear()
+        for opened in self._opening.values():
+            if not opened.done():
+                opened.set_exception(DialError("tunnel_down", f"tunnel closed: {reason}"))
         relays = list(self.relays.values())
         self.relays.clear()
         self._blocked.clear()
         for relay in relays:
-            relay.abort()
+            relay.abort(f"tunnel closed: {reason}", "tunnel_down")
         if self.transport is not None:
             if graceful:
                 self.transport.close()

@@ -24,9 +24,10 @@ from pathlib import Path
 from websockets.sync.server import Server, ServerConnection, serve
 
 from desktop import certificates
+from desktop.direct import DirectDialer as ProductDirectDialer
+from desktop.socket_stream import SocketStream
 from server.egress import EgressPolicy
-from server.stream_api import DialError, StreamClosedError
-from server.target_dialer import TargetDialError, dial_target
+from server.stream_api import DialError
 
 #: Every network wait in these fixtures is bounded by this; it is a hang guard, not a measurement.
 IO_TIMEOUT = 10.0
@@ -38,55 +39,20 @@ _PATTERN_BLOCK = random.Random(20240601).randbytes(1 << 20)
 # --------------------------------------------------------------------------- dialers
 
 
-class SocketByteStream:
-    """A connected TCP socket seen through the ByteStream protocol."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def sendall(self, data: bytes | memoryview) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as error:
-            raise StreamClosedError(f"send failed: {error}") from None
-
-    def recv(self, max_bytes: int) -> bytes:
-        try:
-            return self._sock.recv(max_bytes)
-        except OSError as error:
-            raise StreamClosedError(f"receive failed: {error}") from None
-
-    def shutdown_write(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-
-
-class DirectDialer:
-    """Dials targets itself over TCP, under an egress policy (loopback only by default).
+class DirectDialer(ProductDirectDialer):
+    """The agent's direct dialer under a loopback-only policy, recording what it dialled.
 
     It uses the tunnel server's own target dialer, so refusals, timeouts and policy
     denials carry the same reasons the tunnel would report.
     """
 
     def __init__(self, policy: EgressPolicy = LOOPBACK_ONLY, timeout: float = 5.0) -> None:
-        self.policy = policy
-        self.timeout = timeout
+        super().__init__(policy, timeout)
         self.dialled: list[tuple[str, int]] = []
-        self._lock = threading.Lock()
 
-    def dial(self, host: str, port: int) -> SocketByteStream:
-        with self._lock:
-            self.dialled.append((host, port))
-        try:
-            sock = dial_target(host, port, policy=self.policy, timeout=self.timeout)
-        except TargetDialError as error:
-            raise DialError(error.label, error.message) from None
-        return SocketByteStream(sock)
+    async def dial(self, host: str, port: int) -> SocketStream:
+        self.dialled.append((host, port))
+        return await super().dial(host, port)
 
 
 class FailingDialer:
@@ -97,7 +63,7 @@ class FailingDialer:
         self.message = message
         self.attempts = 0
 
-    def dial(self, host: str, port: int) -> SocketByteStream:
+    async def dial(self, host: str, port: int) -> SocketStream:
         self.attempts += 1
         raise DialError(self.reason, self.message)
 

@@ -205,6 +205,7 @@ def test_port_in_use_is_an_error_and_connect_works_once_it_is_free(
             controller.connect()
             snap = wait_for_state(controller, State.ERROR)
         assert snap.error is not None and f"cannot listen on 127.0.0.1:{port}" in snap.error
+        assert snap.error.count("cannot listen on") == 1, snap.error  # the reason, said once
         wait_until_stopped(controller)
         controller.connect()
         wait_for_state(controller, State.CONNECTED)

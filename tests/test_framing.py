@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.framing import (
+    DATA_QUANTUM,
     DEFAULT_MAX_PAYLOAD,
     HEADER,
     HEADER_SIZE,
@@ -359,13 +360,15 @@ def test_full_conversation_data_both_ways_and_half_close_each_way() -> None:
     agent, server = connect()
     sid = agent.open_stream("example.com", 443)
     assert sid == 1
-    assert agent.send_credit(sid) == 0  # nothing may be sent before OPEN_OK
-    assert deliver(agent, server) == [StreamOpenRequested(1, "example.com", 443)]
+    assert server.send_credit(sid) == 0
+    # 0-RTT: the request leaves right behind the OPEN; the server holds it until its dial is done.
+    assert agent.send_data(sid, b"GET / HTTP/1.1\r\n\r\n") == 18
+    assert deliver(agent, server) == [
+        StreamOpenRequested(1, "example.com", 443),
+        DataReceived(1, b"GET / HTTP/1.1\r\n\r\n"),
+    ]
     server.accept_stream(sid)
     assert deliver(server, agent) == [StreamOpened(1)]
-
-    agent.send_data(sid, b"GET / HTTP/1.1\r\n\r\n")
-    assert deliver(agent, server) == [DataReceived(1, b"GET / HTTP/1.1\r\n\r\n")]
     server.send_data(sid, memoryview(b"HTTP/1.1 200 OK\r\n\r\nhi"))
     assert deliver(server, agent) == [DataReceived(1, b"HTTP/1.1 200 OK\r\n\r\nhi")]
 
@@ -819,7 +822,7 @@ def test_agent_refuses_a_host_the_server_would_reject_without_dropping_the_tunne
         ("agent", raw(FrameType.WINDOW, 1, struct.pack(">I", 0)), "WINDOW increment 0 is invalid"),
         ("agent", raw(FrameType.WINDOW, 1, struct.pack(">I", MAX_WINDOW)), "is invalid"),
         # stream 3 is waiting for OPEN_OK on both sides
-        ("server", raw(FrameType.DATA, 3, b"x"), "DATA on stream 3 before it was opened"),
+        ("agent", raw(FrameType.DATA, 3, b"x"), "DATA on stream 3 before it was opened"),
         ("agent", raw(FrameType.FIN, 3), "FIN on stream 3 before it was opened"),
         ("agent", raw(FrameType.OPEN_OK, 3, b"x"), "OPEN_OK carries no payload"),
         ("agent", raw(FrameType.OPEN_FAIL, 3, reason_payload(42)), "OPEN_FAIL has unknown reason 42"),
@@ -880,16 +883,17 @@ def test_local_misuse_raises_usage_error() -> None:
     with pytest.raises(UsageError):
         agent.send_data(99, b"x")
     sid = agent.open_stream("x.example", 443)
-    with pytest.raises(UsageError, match="not open for sending"):
-        agent.send_data(sid, b"x")
-    with pytest.raises(UsageError):
-        agent.end_stream(sid)
     with pytest.raises(UsageError, match="not waiting to be accepted"):
         agent.accept_stream(sid)
     with pytest.raises(UsageError, match="not waiting to be accepted"):
         agent.reject_stream(sid, FailReason.POLICY, "agents do not reject")
     with pytest.raises(UsageError):
         server.accept_stream(sid)  # the OPEN has not arrived yet
+    deliver(agent, server)
+    with pytest.raises(UsageError, match="not open for sending"):
+        server.send_data(sid, b"x")  # the agent may send while opening (0-RTT), the server may not
+    with pytest.raises(UsageError):
+        server.end_stream(sid)
     lone = TunnelConnection(Role.AGENT, "x")
     with pytest.raises(UsageError, match="handshake"):
         lone.open_stream("x.example", 443)
@@ -1078,8 +1082,12 @@ def test_parse_control_reply_api_gateway_other_errors() -> None:
 def test_parse_control_reply_non_json() -> None:
     reply = parse_control_reply(504, b"<html>Gateway Timeout</html>")
     assert reply == ControlPlaneError(
-        "bad_reply", "control plane answered HTTP 504: <html>Gateway Timeout</html>", 504
+        "bad_reply", "control plane answered HTTP 504 with an HTML page (Gateway Timeout), not JSON", 504
     )
+    page = b"<!DOCTYPE html>\n<html><head><title>502 Bad\n Gateway</title><style>" + b"x" * 5000
+    reply = parse_control_reply(502, page + b"</style></head><body><h1>oops</h1></body></html>")
+    assert isinstance(reply, ControlPlaneError)
+    assert reply.message == "control plane answered HTTP 502 with an HTML page (502 Bad Gateway), not JSON"
     reply = parse_control_reply(200, b"\xff\xfe not utf-8")
     assert isinstance(reply, ControlPlaneError) and reply.error == "bad_reply"
     reply = parse_control_reply(500, b"x" * 1000)
@@ -1210,3 +1218,63 @@ def test_replies_the_peer_never_reads_are_bounded() -> None:
 def test_hello_without_a_connection_window_means_no_connection_limit() -> None:
     body = json.dumps({"protocol": 1, "peer": "agent", "software": "old"}).encode()
     assert Hello.decode(body).connection_window == MAX_WINDOW
+
+
+# ----------------------------------------------------------------------------- the output scheduler
+
+
+def test_a_small_stream_goes_out_before_the_rest_of_a_bulk_stream() -> None:
+    agent, server = connect(agent_window=8 * 1024 * 1024)
+    bulk = open_accepted(agent, server, "bulk.example")
+    small = open_accepted(agent, server, "small.example")
+    server.send_data(bulk, b"b" * (1024 * 1024))
+    server.send_data(small, b"tiny reply")
+    first = FrameDecoder(MAX_PAYLOAD_LIMIT).feed(bytes(server.data_to_send(limit=64 * 1024)))
+    order = [frame.stream_id for frame in first]
+    assert order.index(small) <= 1  # behind at most one quantum of the bulk stream
+    assert sum(len(frame.payload) for frame in first if frame.stream_id == bulk) <= 64 * 1024
+    assert server.queued(bulk) >= 1024 * 1024 - 64 * 1024 and server.queued(small) == 0
+
+
+def test_parallel_streams_share_the_output_evenly() -> None:
+    agent, server = connect(agent_window=8 * 1024 * 1024)
+    sids = [open_accepted(agent, server, f"s{i}.example") for i in range(4)]
+    for sid in sids:
+        server.send_data(sid, b"x" * (512 * 1024))
+    sent = dict.fromkeys(sids, 0)
+    for frame in FrameDecoder(MAX_PAYLOAD_LIMIT).feed(bytes(server.data_to_send(limit=512 * 1024))):
+        sent[frame.stream_id] += len(frame.payload)
+    assert max(sent.values()) - min(sent.values()) <= DATA_QUANTUM
+
+
+def test_a_reset_stream_drops_its_queued_output_and_gets_the_credit_back() -> None:
+    agent, server = connect(agent_window=8 * 1024 * 1024)
+    sid = open_accepted(agent, server)
+    credit = server.connection_send_credit
+    server.send_data(sid, b"d" * 300_000)
+    server.data_to_send(limit=16 * 1024)
+    server.reset_stream(sid, FailReason.CANCELLED, "client went away")
+    frames = FrameDecoder(MAX_PAYLOAD_LIMIT).feed(bytes(server.data_to_send()))
+    assert [frame.type for frame in frames] == [FrameType.RESET]
+    assert server.pending_output == 0
+    assert server.connection_send_credit == credit - 16 * 1024  # only what left costs credit
+
+
+def test_fin_follows_the_queued_data() -> None:
+    agent, server = connect()
+    sid = open_accepted(agent, server)
+    server.send_data(sid, b"z" * 40_000)
+    server.end_stream(sid)
+    events = agent.receive_data(bytes(server.data_to_send(limit=20_000)))
+    assert not any(isinstance(event, StreamEnded) for event in events)
+    events = agent.receive_data(bytes(server.data_to_send()))
+    assert isinstance(events[-1], StreamEnded)
+
+
+def test_a_reset_can_follow_the_data_a_broken_target_sent_first() -> None:
+    agent, server = connect()
+    sid = open_accepted(agent, server)
+    server.send_data(sid, b"HTTP/1.1 413 Payload Too Large\r\n\r\n")
+    server.reset_stream(sid, FailReason.CANCELLED, "target reset", discard_queued=False)
+    events = agent.receive_data(bytes(server.data_to_send()))
+    assert [type(event) for event in events] == [DataReceived, StreamReset]

@@ -276,6 +276,15 @@ def test_missing_icons_are_rendered(tmp_path: Path) -> None:
 # ============================================================================ Linux packaging inputs
 
 
+def test_deb_only_suggests_the_heavy_file_choosers() -> None:
+    """zenity or kdialog would pull a desktop's worth of packages onto a minimal system."""
+    control = linux_packages.DebianControl("0.1.0", "amd64", 1000, ["libc6 (>= 2.35)"]).text()
+    fields = dict(re.findall(r"^([\w-]+): (.*)$", control, re.M))
+    assert "zenity" not in fields["Recommends"] and "kdialog" not in fields["Recommends"]
+    assert fields["Suggests"] == "zenity | kdialog"
+    assert fields["Recommends"] == "xdg-utils, xclip | xsel | wl-clipboard"
+
+
 @pytest.mark.skipif(shutil.which("desktop-file-validate") is None, reason="needs desktop-file-utils")
 def test_desktop_entry_is_valid(tmp_path: Path) -> None:
     entry = tmp_path / "fluidity.desktop"
@@ -656,7 +665,7 @@ def test_built_local_default_proxies_curl(
             tmp_path / "local.log",
         )  # fmt: skip
         started.append(local)
-        ready = local.wait_for("Fluidity is running locally")
+        ready = local.wait_for("Fluidity proxy ready on")
         print(f"\n`fluidity local` (certificates, server child, tunnel, proxy) ready in {ready:.2f} s")
         reply = curl(f"http://127.0.0.1:{proxy_port}", origin.url("/echo/bundle"))
         assert reply.returncode == 0, reply.stderr

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tunnel_fixtures import REPO, Pki
 
 from server.json_logging import JsonFormatter, TextFormatter, configure_logging, parse_level, reset_logging
 
@@ -200,3 +201,102 @@ def test_unwritable_log_file_keeps_previous_logging(tmp_path: Path) -> None:
 )
 def test_parse_level(name: str, level: int) -> None:
     assert parse_level(name) == level
+
+
+# ----------------------------------------------------------------------------- people at a terminal
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` with its stdout and stderr on a pseudo-terminal; (exit code, what it showed)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env, cwd=REPO
+    )
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    return process.wait(10), shown.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+@pytest.fixture
+def agent_argv(pki: Pki) -> list[str]:
+    """``fluidity-agent`` against a port nobody listens on: it logs a few lines and gives up."""
+    import sys
+
+    from tunnel_fixtures import free_port
+
+    return [
+        sys.executable, "-m", "desktop.agent_cli", "--lifecycle", "static",
+        "--server-address", "127.0.0.1", "--server-port", str(free_port()), "--listen-port", "0",
+        "--ca-file", str(pki.path("ca.crt")), "--cert-file", str(pki.path("client.crt")),
+        "--key-file", str(pki.path("client.key")),
+        "--connect-timeout", "0.5s", "--connection-timeout", "1s",
+    ]  # fmt: skip
+
+
+def terminal_env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUIDITY_") and k != "NO_COLOR"}
+    env.update(TERM="xterm-256color", XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path))
+    return env
+
+
+def test_a_terminal_gets_short_coloured_lines(agent_argv: list[str], tmp_path: Path) -> None:
+    code, shown = run_in_pty(agent_argv, terminal_env(tmp_path))
+    assert code == 1, shown
+    lines = shown.splitlines()
+    assert not any(line.startswith("{") for line in lines), shown  # no JSON for people
+    first = lines[0]
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d \x1b\[32minfo \x1b\[0m state disconnected -> waking "
+        r'detail="waking the server" session=1',
+        first,
+    ), first
+    (verdict,) = [line for line in lines if line.startswith("fluidity-agent: ")]
+    assert verdict.startswith("fluidity-agent: could not connect to the server at 127.0.0.1:")
+    assert "cannot reach" not in verdict and verdict.count("connection refused") == 1  # the cause, once
+
+
+def test_no_color_plain_text_and_forced_json(agent_argv: list[str], tmp_path: Path) -> None:
+    env = terminal_env(tmp_path)
+    _code, plain = run_in_pty(agent_argv, {**env, "NO_COLOR": "1"})
+    assert "\x1b[" not in plain
+    assert re.match(r"\d\d:\d\d:\d\d info  state disconnected -> waking", plain), plain
+    _code, forced = run_in_pty([*agent_argv, "--log-format", "json"], env)
+    assert json.loads(forced.splitlines()[0])["message"] == "state disconnected -> waking"
+
+
+def test_console_formatter_names_extras_and_errors_once() -> None:
+    from server.json_logging import ConsoleFormatter
+
+    record = logging.LogRecord("fluidity.agent", logging.WARNING, __file__, 1, "connect failed", (), None)
+    record.server = "203.0.113.7:8443"
+    record.reason = "connection refused"
+    line = ConsoleFormatter().format(record)
+    assert re.fullmatch(
+        r'\d\d:\d\d:\d\d warn  connect failed server=203\.0\.113\.7:8443 reason="connection refused"', line
+    )

@@ -687,7 +687,7 @@ def test_dial_failures_map_to_statuses(
 class _BrokenDialer:
     """A dialer whose transport fails underneath it instead of raising DialError."""
 
-    def dial(self, host: str, port: int) -> Any:
+    async def dial(self, host: str, port: int) -> Any:
         raise ConnectionResetError("link reset while opening")
 
 

@@ -75,6 +75,31 @@ def wait_for_icon(session: DisplaySession, shot: Path, colour: tuple[int, int, i
         time.sleep(0.2)
 
 
+class GnomeProxy:
+    """Reads org.gnome.system.proxy with the real gsettings, in the test desktop's session."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def get(self, schema: str, key: str) -> str:
+        argv = ["gsettings", "get", schema, key]
+        return subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    def all(self) -> str:
+        argv = ["gsettings", "list-recursively", "org.gnome.system.proxy"]
+        return subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+
+    def wait_for(self, key: str, value: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while self.get("org.gnome.system.proxy", key) != value:
+            assert time.monotonic() < deadline, f"org.gnome.system.proxy {key} never became {value}"
+            time.sleep(0.1)
+
+
 def test_click_connect_browse_and_quit_on_a_real_display(pki: Pki, tmp_path: Path) -> None:
     cert_dir = tmp_path / "certs"
     shutil.copytree(pki.dir, cert_dir)
@@ -91,7 +116,11 @@ def test_click_connect_browse_and_quit_on_a_real_display(pki: Pki, tmp_path: Pat
         'connection_timeout: "20s"\n'
     )
     output = tmp_path / "fluidity.out"
-    with display_session() as session, OriginServer() as origin:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    # dconf (behind GSettings) keeps its files here, so the tray's system proxy is this test's.
+    desktop_env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_RUNTIME_DIR": str(runtime)}
+    with display_session(bus_env=desktop_env) as session, OriginServer() as origin:
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("FLUIDITY_") and k != "WAYLAND_DISPLAY"
         }
@@ -99,9 +128,12 @@ def test_click_connect_browse_and_quit_on_a_real_display(pki: Pki, tmp_path: Pat
             session.env,
             PYSTRAY_BACKEND="gtk",
             XDG_STATE_HOME=str(tmp_path / "state"),
-            XDG_CONFIG_HOME=str(tmp_path / "config"),
             XDG_DATA_HOME=str(tmp_path / "data"),
+            XDG_CURRENT_DESKTOP="GNOME",
+            **desktop_env,
         )
+        gnome = GnomeProxy(env) if shutil.which("gsettings") else None
+        before = gnome.all() if gnome else ""
         command = [sys.executable, "-m", "desktop.tray_app", "--config", str(config)]
         with output.open("wb") as sink:
             tray = subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
@@ -110,6 +142,10 @@ def test_click_connect_browse_and_quit_on_a_real_display(pki: Pki, tmp_path: Pat
 
             session.click(x, y)  # gtk: a left click runs the default item, Connect
             wait_for_icon(session, tmp_path / "connected.png", GREEN)
+            if gnome is not None:  # "Use as system proxy" is on by default in the tray
+                gnome.wait_for("mode", "'manual'")
+                assert gnome.get("org.gnome.system.proxy.http", "port") == str(proxy_port)
+                assert gnome.get("org.gnome.system.proxy.https", "host") == "'127.0.0.1'"
             curl = subprocess.run(
                 [
                     "curl",
@@ -139,6 +175,8 @@ def test_click_connect_browse_and_quit_on_a_real_display(pki: Pki, tmp_path: Pat
             session.key("Up")  # from nothing selected, Up picks the last item: Quit
             session.key("Return")
             assert tray.wait(WAIT) == 0, output.read_text(errors="replace")[-2000:]
+            if gnome is not None:
+                assert gnome.all() == before  # Quit put the user's proxy settings back
         finally:
             stop_process(tray)
     log = (tmp_path / "state" / "fluidity" / "log" / "fluidity.log").read_text()

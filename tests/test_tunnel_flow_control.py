@@ -29,7 +29,7 @@ from tunnel_fixtures import (  # noqa: F401  (the *_fixture imports register fix
     server_factory_fixture,
 )
 
-from server.tunnel_link import LinkStream
+from server.tunnel_session import TunnelStream
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,14 +39,14 @@ STALLED_SIZE = 200 * MIB
 RSS_SLACK = 8 * MIB
 
 
-def agent_streams_to(agent: RunningAgent, port: int) -> list[LinkStream]:
-    """The agent's tunnel streams to 127.0.0.1:``port`` (reads the tunnel client's current link)."""
+def agent_streams_to(agent: RunningAgent, port: int) -> list[TunnelStream]:
+    """The agent's tunnel streams to 127.0.0.1:``port`` (reads the tunnel client's current session)."""
     client = agent.agent._client
     assert client is not None
-    link = client._link
-    assert link is not None, "agent has no tunnel"
-    with link._lock:
-        return [stream for stream in link._streams.values() if stream.port == port]
+    session = client._session
+    assert session is not None, "agent has no tunnel"
+    relays = list(session.relays.values())  # a snapshot: the loop thread owns the dict
+    return [stream for stream in relays if isinstance(stream, TunnelStream) and stream.port == port]
 
 
 def download_through(agent: RunningAgent, url: str, size: int) -> str:

@@ -167,8 +167,14 @@ def _start_tray_host(session: DisplaySession) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def display_session(*, tray_host: bool = True) -> Iterator[DisplaySession]:
-    """Xvfb on a free display, a session bus (dbus-run-session), dunst and trayer, torn down after."""
+def display_session(
+    *, tray_host: bool = True, bus_env: Mapping[str, str] | None = None
+) -> Iterator[DisplaySession]:
+    """Xvfb on a free display, a session bus (dbus-run-session), dunst and trayer, torn down after.
+
+    ``bus_env`` goes to the bus and so to the services it starts: dconf-service writes
+    settings under the XDG_CONFIG_HOME given there, not the real user's.
+    """
     processes: list[subprocess.Popen[bytes]] = []
     try:
         xvfb = _start(
@@ -190,7 +196,7 @@ def display_session(*, tray_host: bool = True) -> Iterator[DisplaySession]:
         display = f":{_read_line(xvfb, 'Xvfb')}"
         bus = _start(
             ["dbus-run-session", "--", "sh", "-c", 'echo "$DBUS_SESSION_BUS_ADDRESS"; exec sleep 600'],
-            {"DISPLAY": display},
+            {"DISPLAY": display, **(bus_env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

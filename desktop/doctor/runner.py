@@ -47,7 +47,7 @@ from desktop.doctor.model import (
 )
 from desktop.doctor.server_probe import probe_server
 from desktop.lifecycle.base import Endpoint
-from server.config_loader import add_arguments, overrides_from_args
+from server.config_loader import add_arguments, overrides_from_args, program_parser
 from server.framing import ServerState
 
 #: Answers with the caller's public IPv4 address as plain text (run by AWS).
@@ -199,11 +199,16 @@ def _address(text: str) -> str:
 
 
 def build_parser(prog: str = "fluidity doctor") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Read-only checks of Fluidity's settings, certificates, local proxy port, control "
+    parser = program_parser(
+        prog,
+        "Read-only checks of Fluidity's settings, certificates, local proxy port, control "
         "plane, AWS deployment and server; one PASS/WARN/FAIL line each with the fix. "
         "Exit code 1 when a check failed.",
+        (
+            f"{prog}                                   the settings file in the config folder",
+            f"{prog} --config ./configs/agent.yaml --aws --json",
+        ),
+        usage=f"{prog} [--json] [--aws] [--config PATH] [--KEY-NAME VALUE ...]",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     parser.add_argument(

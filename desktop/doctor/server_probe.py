@@ -26,7 +26,7 @@ from server.framing import (
     Role,
     TunnelConnection,
 )
-from server.tls import SilentClose, TlsChannel, TlsError, TlsSetupError, client_context
+from server.tls import BlockingTls, SilentClose, TlsError, TlsSetupError, client_context
 
 Clock = Callable[[], float]
 
@@ -67,7 +67,7 @@ def probe_server(
         return ProbeOutcome([_tcp_failure(error, endpoint, budget)])
     tcp_done = clock()
     results = [passed("server.tcp", f"TCP connect to {endpoint} in {_ms(tcp_done - started)}ms")]
-    channel = TlsChannel(sock, context, server_side=False, server_hostname=config.server_name)
+    channel = BlockingTls(sock, context, server_hostname=config.server_name)
     try:
         try:
             channel.handshake(max(0.1, budget - (tcp_done - started)))
@@ -173,7 +173,7 @@ def _tls_failure(error: BaseException, config: AgentConfig, endpoint: Endpoint) 
 
 
 def _exchange_hello(
-    channel: TlsChannel, conn: TunnelConnection, config: AgentConfig, *, deadline: float, clock: Clock
+    channel: BlockingTls, conn: TunnelConnection, config: AgentConfig, *, deadline: float, clock: Clock
 ) -> tuple[Hello | None, CheckResult | None]:
     """Send our HELLO, wait for the server's; TLS 1.3 reports a refused client certificate here."""
     conn.initiate()
@@ -240,7 +240,7 @@ def _hello_result(hello: Hello, total_ms: int, endpoint: Endpoint) -> CheckResul
     return passed("server.hello", finding, **details)
 
 
-def _say_goodbye(channel: TlsChannel, conn: TunnelConnection) -> None:
+def _say_goodbye(channel: BlockingTls, conn: TunnelConnection) -> None:
     """A GOAWAY so the server logs a normal close instead of a dead tunnel."""
     conn.goaway(GoAwayReason.NORMAL, "fluidity doctor check")
     try:

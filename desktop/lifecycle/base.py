@@ -34,6 +34,13 @@ class LifecycleError(Exception):
         self.message = message
 
 
+class WakeRefused(LifecycleError):
+    """The wake request itself was turned down or never arrived: nothing was started.
+
+    The controller then has no server to stop, so no second error about stopping it follows.
+    """
+
+
 class WakeCancelled(LifecycleError):
     def __init__(self) -> None:
         super().__init__("cancelled", "wake cancelled")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from desktop.config import AgentConfig
-from desktop.lifecycle.base import Endpoint, LifecycleError, ProgressCallback, WakeCancelled
+from desktop.lifecycle.base import Endpoint, LifecycleError, ProgressCallback, WakeCancelled, WakeRefused
 from desktop.lifecycle.polling import REQUEST_TIMEOUT, TransientLifecycleError, wait_until_running
 from lambdas import control
 from server.framing import ControlPlaneError, ServerStatus
@@ -29,6 +29,17 @@ REQUIRED_PERMISSIONS = (
 )
 #: Control-plane error codes that may pass on their own (retried while waking).
 _TRANSIENT_CODES = frozenset({"throttled", "aws_unreachable"})
+#: Errors of a wake that mean the service was never scaled up (so there is nothing to stop).
+_REFUSED_CODES = frozenset(
+    {
+        "config",
+        "cluster_not_found",
+        "service_not_found",
+        "access_denied",
+        "aws_credentials_invalid",
+        "aws_credentials_missing",
+    }
+)
 
 
 def desktop_error(error: ControlPlaneError, config: AgentConfig) -> LifecycleError:
@@ -114,7 +125,12 @@ class EcsLifecycle:
         started = time.monotonic()
         if cancel.is_set():
             raise WakeCancelled()
-        first = self._once(control.wake)
+        try:
+            first = self._once(control.wake)
+        except LifecycleError as error:
+            if error.code in _REFUSED_CODES:
+                raise WakeRefused(error.code, error.message) from None
+            raise
         _log.info("ECS service woken", extra={"server_state": first.state.value})
         return wait_until_running(
             first,

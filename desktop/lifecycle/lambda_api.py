@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -17,7 +18,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from desktop.config import AgentConfig
-from desktop.lifecycle.base import Endpoint, LifecycleError, ProgressCallback, WakeCancelled
+from desktop.lifecycle.base import Endpoint, LifecycleError, ProgressCallback, WakeCancelled, WakeRefused
 from desktop.lifecycle.polling import REQUEST_TIMEOUT, TransientLifecycleError, wait_until_running
 from server.framing import ControlPlaneError, ControlPlaneFormatError, ServerStatus, parse_control_reply
 
@@ -70,7 +71,10 @@ class LambdaLifecycle:
                     "unreachable", f"{action}: no reply from the control plane within {timeout:.1f} s"
                 ) from None
             raise TransientLifecycleError(
-                "unreachable", f"{action}: cannot reach the control plane at {self._base}: {reason}"
+                "unreachable",
+                f"{action}: cannot reach the control plane at {self._base}: {reason}",
+                # Refused, unresolvable or untrusted: the request never reached the Lambda.
+                nothing_done=isinstance(reason, ConnectionRefusedError | socket.gaierror | ssl.SSLError),
             ) from None
         try:
             reply = parse_control_reply(http_status, body)
@@ -79,9 +83,15 @@ class LambdaLifecycle:
                 "bad_reply", f"{action}: unexpected reply from the control plane: {error}"
             ) from None
         if isinstance(reply, ControlPlaneError):
-            message = f"{action} failed: {reply.message} (HTTP {reply.http_status}, {reply.error})"
+            if reply.error == "bad_reply":  # the message already names the HTTP status
+                message = (
+                    f"{action} failed: {reply.message}; api_url must be the ApiGatewayUrl output "
+                    "of the fluidity-lambda stack"
+                )
+            else:
+                message = f"{action} failed: {reply.message} (HTTP {reply.http_status}, {reply.error})"
             if _is_transient(reply.http_status):
-                raise TransientLifecycleError(reply.error, message)
+                raise TransientLifecycleError(reply.error, message, nothing_done=reply.http_status == 429)
             raise LifecycleError(reply.error, message)
         _log.debug("control plane %s: %s", action, reply.to_json())
         return reply
@@ -93,8 +103,13 @@ class LambdaLifecycle:
         try:
             first = self._call("POST", "wake", REQUEST_TIMEOUT)
         except TransientLifecycleError as error:
-            # Without a successful wake there is nothing to wait for: report it now.
+            # Without a successful wake there is nothing to wait for: report it now. After a
+            # timeout or a 5xx the Lambda may still have asked for a task, so it is stopped.
+            if error.nothing_done:
+                raise WakeRefused(error.code, error.message) from None
             raise LifecycleError(error.code, error.message) from None
+        except LifecycleError as error:  # a 4xx answer: the control plane refused, started nothing
+            raise WakeRefused(error.code, error.message) from None
         _log.info("wake requested", extra={"server_state": first.state.value})
         return wait_until_running(
             first,

@@ -20,7 +20,15 @@ MIN_POLL_BUDGET = 0.25
 
 
 class TransientLifecycleError(LifecycleError):
-    """A poll failed in a way that may pass (throttling, 5xx, a dropped connection): retry."""
+    """A poll failed in a way that may pass (throttling, 5xx, a dropped connection): retry.
+
+    ``nothing_done``: the request certainly did not run (no connection, throttled at the door),
+    as opposed to a timeout or a 5xx, after which it may have.
+    """
+
+    def __init__(self, code: str, message: str, *, nothing_done: bool = False) -> None:
+        super().__init__(code, message)
+        self.nothing_done = nothing_done
 
 
 def describe_status(status: ServerStatus) -> str:
