@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from desktop.config import AgentConfig
@@ -16,6 +17,7 @@ from desktop.direct import DirectDialer, RoutingDialer
 from desktop.lifecycle.base import Endpoint
 from desktop.proxy import LocalProxy
 from desktop.tunnel_client import LinkObserver, LinkState, TunnelClient
+from desktop.usage import Meter
 
 log = logging.getLogger("fluidity.agent")
 
@@ -28,21 +30,26 @@ class AgentStats:
     last_error: str | None
     consecutive_failures: int
     proxy_connections: int
+    permanent_error: str | None = None  # the tunnel was refused for good (a certificate)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, on_link_change: LinkObserver | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, *, on_link_change: LinkObserver | None = None, meter: Meter | None = None
+    ) -> None:
         self.config = config
+        self._meter = meter
         self._on_link_change = on_link_change
         self._client: TunnelClient | None = None
         self._proxy: LocalProxy | None = None
         self._lock = threading.Lock()
 
-    def start(self, endpoint: Endpoint) -> None:
-        """Bind the local proxy (OSError if the port is taken), then connect in the background."""
+    def listen(self) -> None:
+        """Bind the local proxy (OSError if the port is taken) before the server is woken:
+        a busy port is found before anything is paid for, and requests wait for the tunnel."""
         with self._lock:
             if self._proxy is not None:
-                raise RuntimeError("agent already started")
+                raise RuntimeError("agent already listening")
             client = TunnelClient(self.config, on_state=self._on_link_change)
             rules = self.config.bypass_rules()
             dialer = RoutingDialer(client, rules, DirectDialer(timeout=self.config.connect_timeout))
@@ -56,13 +63,27 @@ class Agent:
                 max_connections=self.config.max_connections,
                 pac_rules=rules,
                 pac_fallback_direct=self.config.pac_fallback_direct,
+                meter=self._meter,
                 loop_thread=client.loop_thread,
             )
             proxy.start()
-            client.start(endpoint)
             self._client, self._proxy = client, proxy
         host, port = proxy.address
-        log.info("proxy listening", extra={"address": f"http://{host}:{port}", "server": str(endpoint)})
+        log.info("proxy listening", extra={"address": f"http://{host}:{port}"})
+
+    def start(self, endpoint: Endpoint) -> None:
+        """Connect the tunnel to ``endpoint`` in the background (binding the proxy first if needed)."""
+        bound_here = self._proxy is None
+        if bound_here:
+            self.listen()
+        assert self._client is not None
+        try:
+            self._client.start(endpoint)
+        except BaseException:
+            if bound_here:  # as if start had never been called
+                self.stop()
+            raise
+        log.info("connecting", extra={"server": str(endpoint)})
 
     def set_endpoint(self, endpoint: Endpoint) -> None:
         if self._client is not None:
@@ -108,4 +129,14 @@ class Agent:
             tunnel.last_error,
             tunnel.consecutive_failures,
             proxy.active_connections if proxy is not None else 0,
+            tunnel.permanent_error,
         )
+
+
+def metered_agents(meter: Meter) -> Callable[[AgentConfig, LinkObserver], Agent]:
+    """The controller's agent factory when the traffic meter counts what the proxy relays."""
+
+    def make(config: AgentConfig, on_link_change: LinkObserver) -> Agent:
+        return Agent(config, on_link_change=on_link_change, meter=meter)
+
+    return make

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Collection, Sequence
 from types import FrameType
 
+from desktop.agent import metered_agents
 from desktop.config import AgentConfig, default_agent_config_path
 from desktop.controller import Controller, Snapshot, State, missing_certificates, missing_certificates_message
 from desktop.lifecycle.base import LifecycleError
@@ -157,7 +158,7 @@ def run_headless(
     except LifecycleError as exc:
         print(f"{prog}: {exc.message}", file=sys.stderr)
         return 2
-    controller = Controller(config, lifecycle)
+    controller = Controller(config, lifecycle, agent_factory=metered_agents(store))
     watch = UsageWatch(controller, store, how_to_raise=budget_hint(source), on_notice=on_notice)
     refusal = watch.connect_refusal()
     if refusal is not None:

@@ -308,6 +308,7 @@ def advance(snap: Snapshot, event: Event, policy: Policy, now: float) -> tuple[S
 class AgentLike(Protocol):
     """What the controller needs from desktop.agent.Agent."""
 
+    def listen(self) -> None: ...
     def start(self, endpoint: Endpoint) -> None: ...
     def set_endpoint(self, endpoint: Endpoint) -> None: ...
     def wait_connected(self, timeout: float, cancel: threading.Event | None = None) -> bool: ...
@@ -523,6 +524,12 @@ class Controller:
             except TlsSetupError as error:
                 self.post(SessionFailed(session, "certificates", str(error)))
                 return
+        if not rewake and self._current_agent() is None:
+            agent = self._agent_factory(
+                config, lambda link, error: self.post(LinkChanged(session, link, error))
+            )
+            if not self._listen(session, agent):  # the port first: a busy one costs no wake
+                return
         try:
             endpoint = self.lifecycle.wake(
                 timeout=config.connection_timeout,
@@ -544,38 +551,30 @@ class Controller:
         if cancel.is_set():
             return
         self.post(WakeSucceeded(session, endpoint))
-        agent = self._current_agent()
-        if rewake and agent is not None:
+        current = self._current_agent()
+        if current is None:  # stopped meanwhile
+            return
+        agent = current
+        if rewake:
             agent.set_endpoint(endpoint)
         else:
-            agent = self._agent_factory(
-                config, lambda link, error: self.post(LinkChanged(session, link, error))
-            )
             try:
                 agent.start(endpoint)
             except TlsSetupError as error:
                 self.post(SessionFailed(session, "certificates", str(error)))
                 return
-            except OSError as error:
-                address = f"{config.listen_address}:{config.listen_port}"
-                reason = error.strerror or str(error)
-                if not reason.startswith("cannot listen on"):  # the proxy may have said it already
-                    reason = f"cannot listen on {address}: {reason}"
-                self.post(
-                    SessionFailed(
-                        session, "port_in_use", f"{reason} (is another proxy or Fluidity instance running?)"
-                    )
-                )
-                return
-            with self._agent_lock:
-                self._agent = agent
             self.post(AgentStarted(session, agent.proxy_address))
         if agent.wait_connected(config.connection_timeout, cancel):
             self.post(LinkChanged(session, LinkState.CONNECTED, None))
             return
         if cancel.is_set():
             return
-        why = agent.stats().last_error or "no answer"
+        stats = agent.stats()
+        permanent = getattr(stats, "permanent_error", None)  # not every AgentLike reports one
+        if permanent:
+            self.post(SessionFailed(session, "certificates", permanent))
+            return
+        why = stats.last_error or "no answer"
         why = why.removeprefix(f"cannot reach {endpoint}: ")  # the sentence below names the server
         self.post(
             SessionFailed(
@@ -585,6 +584,32 @@ class Controller:
                 f"{config.connection_timeout:g} s: {why}",
             )
         )
+
+    def _listen(self, session: int, agent: AgentLike) -> bool:
+        """Bind the agent's proxy; on failure post why and return False."""
+        config = self.config
+        try:
+            agent.listen()
+        except TlsSetupError as error:
+            self.post(SessionFailed(session, "certificates", str(error), stop_server=False))
+            return False
+        except OSError as error:
+            address = f"{config.listen_address}:{config.listen_port}"
+            reason = error.strerror or str(error)
+            if not reason.startswith("cannot listen on"):  # the proxy may have said it already
+                reason = f"cannot listen on {address}: {reason}"
+            self.post(
+                SessionFailed(
+                    session,
+                    "port_in_use",
+                    f"{reason} (is another proxy or Fluidity instance running?)",
+                    stop_server=False,
+                )
+            )
+            return False
+        with self._agent_lock:
+            self._agent = agent
+        return True
 
     def _stop(self, session: int, kill: bool) -> None:
         with self._agent_lock:

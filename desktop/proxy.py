@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from desktop.bypass import BypassRules
@@ -58,6 +59,7 @@ from desktop.http_head import (
 from desktop.pac import PAC_CONTENT_TYPE, PAC_PATH, render_pac
 from desktop.socket_stream import SocketStream
 from desktop.socks import ConnectRequest, ProxyProtocol, Refused, Send, SocksHandshake, detect_protocol
+from desktop.usage import Meter
 from server.tunnel_session import StreamRelay, TunnelStream
 
 LOGGER_NAME = "fluidity.proxy"
@@ -174,8 +176,11 @@ class ClientExchange:
         dialer: Dialer,
         settings: _Settings,
         logger: logging.Logger,
+        meter: Meter | None = None,
     ) -> None:
         self.client = client
+        self._meter = meter
+        self._host = ""  # the destination the bytes being relayed belong to (for the meter)
         self.peer = peer
         self._dialer = dialer
         self._settings = settings
@@ -228,6 +233,7 @@ class ClientExchange:
 
     async def _dial(self, target: ProxyTarget) -> ByteStream:
         """Open a stream or raise DialError; a transport error escaping the dialer counts as internal."""
+        self._host = target.host
         self._waiting_upstream = True
         try:
             stream = await self._dialer.dial(target.host, target.port)
@@ -674,10 +680,10 @@ class ClientExchange:
                 if self.client.at_eof:
                     stream.shutdown_write()
                 self._streams.discard(stream)
-                self._relay = stream.take_over(transport, target.display, early)
+                self._relay = stream.take_over(transport, target.display, early, self._count)
                 await self._relay.finished
                 return
-            await _pump_both_ways(self.client, stream)  # what the client sent early is in its buffer
+            await _pump_both_ways(self.client, stream, self._count)  # early bytes: in the client buffer
         finally:
             self._release(stream)
 
@@ -698,19 +704,24 @@ class ClientExchange:
         except (OSError, StreamClosedError, TimeoutError) as error:
             raise _ClientGone() from error
 
-    @staticmethod
-    async def _send_upstream(stream: ByteStream, data: bytes | memoryview) -> None:
+    def _count(self, up: int, down: int) -> None:
+        if self._meter is not None:
+            self._meter.record_bytes(up, down, self._host)
+
+    async def _send_upstream(self, stream: ByteStream, data: bytes | memoryview) -> None:
         try:
             await stream.sendall(data)
         except (StreamClosedError, OSError) as error:
             raise _UpstreamLost(f"upstream stream failed while sending: {error}", responded=False) from None
+        self._count(len(data), 0)
 
-    @staticmethod
-    async def _recv_upstream(stream: ByteStream, max_bytes: int, *, responded: bool = True) -> bytes:
+    async def _recv_upstream(self, stream: ByteStream, max_bytes: int, *, responded: bool = True) -> bytes:
         try:
-            return await stream.recv(max_bytes)
+            data = await stream.recv(max_bytes)
         except (StreamClosedError, OSError) as error:
             raise _UpstreamLost(f"upstream stream failed: {error}", responded=responded) from None
+        self._count(0, len(data))
+        return data
 
     # ------------------------------------------------------------------ errors
 
@@ -755,17 +766,21 @@ class ClientExchange:
                 drained += len(data)
 
 
-async def _pump_both_ways(client: SocketStream, stream: ByteStream) -> None:
+async def _pump_both_ways(
+    client: SocketStream, stream: ByteStream, count: Callable[[int, int], None]
+) -> None:
     """Relay between two coroutine streams (a direct upstream), half-closes propagated."""
 
     async def up() -> None:
         while data := await client.recv(RELAY_BLOCK_BYTES):
             await stream.sendall(data)
+            count(len(data), 0)
         stream.shutdown_write()
 
     async def down() -> None:
         while data := await stream.recv(RELAY_BLOCK_BYTES):
             await client.sendall(data)
+            count(0, len(data))
         client.shutdown_write()
 
     tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
@@ -847,6 +862,7 @@ class LocalProxy:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         pac_rules: BypassRules | None = None,
         pac_fallback_direct: bool = False,
+        meter: Meter | None = None,
         logger: logging.Logger | None = None,
         loop_thread: LoopThread | None = None,
     ) -> None:
@@ -856,6 +872,7 @@ class LocalProxy:
         self._max_connections = max_connections
         self._pac_rules = pac_rules  # serve /proxy.pac from these rules (None: no PAC file)
         self._pac_fallback_direct = pac_fallback_direct
+        self._meter = meter  # counts the bytes relayed, per destination host
         self._log = logger or logging.getLogger(LOGGER_NAME)
         self._loop_thread = loop_thread or shared_loop()
         self._listener: socket.socket | None = None
@@ -931,7 +948,7 @@ class LocalProxy:
                 )
             client.abort()
             return
-        exchange = ClientExchange(client, peer, self._dialer, self._settings, self._log)
+        exchange = ClientExchange(client, peer, self._dialer, self._settings, self._log, self._meter)
         task = asyncio.get_running_loop().create_task(exchange.run())
         exchange.task = task
         self._connections[exchange] = task

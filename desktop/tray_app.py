@@ -171,6 +171,7 @@ def _run(
     except TrayUnavailable as error:
         print(_no_tray_message(str(error), config_path), file=sys.stderr)
         return 1
+    from desktop.agent import metered_agents
     from desktop.budget import UsageWatch
     from desktop.usage import UsageStore, default_usage_path
 
@@ -182,7 +183,7 @@ def _run(
         print(f"fluidity: {error.message}", file=sys.stderr)
         return 2
 
-    controller = Controller(config, lifecycle)
+    controller = Controller(config, lifecycle, agent_factory=metered_agents(store))
     # Before any Connect: restores what a crashed tray left behind, then follows the sessions.
     system_proxy = follow_system_proxy(controller, config, "manual", keep_when_off=True)
     assets = asset_dir()

@@ -13,6 +13,7 @@ import enum
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,11 @@ from server.tunnel_session import TunnelSession, TunnelStream
 log = logging.getLogger("fluidity.agent")
 
 INITIAL_BACKOFF = 0.5
+SAME_CA_HINT = (
+    "; the agent and the server need certificates from the same CA (`fluidity-certs init` once, "
+    "then `fluidity-certs bundle` / `import` for the other side), and server_name must be in the "
+    "server certificate"
+)
 
 
 class LinkState(enum.Enum):
@@ -50,6 +56,7 @@ class TunnelStats:
     last_error: str | None
     consecutive_failures: int
     last_connect_ms: float | None
+    permanent_error: str | None = None  # a refused certificate: retrying cannot help
 
 
 class TunnelClient:
@@ -67,7 +74,7 @@ class TunnelClient:
         loop_thread: LoopThread | None = None,
     ) -> None:
         self.config = config
-        self.context = client_context(config.ca_file, config.cert_file, config.key_file)
+        self.context: ssl.SSLContext | None = None  # loaded at start: the local lifecycle makes the files
         self.loop_thread = loop_thread or shared_loop()
         self._on_state = on_state
         self._lock = threading.Lock()
@@ -78,8 +85,10 @@ class TunnelClient:
         self._state = LinkState.DISCONNECTED
         self._stopped = threading.Event()
         self._task: asyncio.Task[None] | None = None
-        self._kick: asyncio.Event | None = None  # endpoint changed or stop: wake the supervisor
-        self._usable: asyncio.Event | None = None  # a session takes streams
+        self._kick = asyncio.Event()  # endpoint changed or stop: wake the supervisor
+        self._usable = asyncio.Event()  # a session takes streams
+        self._ever_connected = False
+        self._permanent: str | None = None
         self._connected_since: float | None = None
         self._last_error: str | None = None
         self._failures = 0
@@ -88,13 +97,14 @@ class TunnelClient:
     # ----- control (any thread) ---------------------------------------------
 
     def start(self, endpoint: Endpoint) -> None:
+        """Connect in the background; raises TlsSetupError for unusable certificate files."""
+        if self.context is None:
+            self.context = client_context(self.config.ca_file, self.config.cert_file, self.config.key_file)
         self._endpoint = endpoint
         self._stopped.clear()
         self.loop_thread.run(self._start())
 
     async def _start(self) -> None:
-        self._kick = asyncio.Event()
-        self._usable = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     def set_endpoint(self, endpoint: Endpoint) -> None:
@@ -106,8 +116,7 @@ class TunnelClient:
         self.loop_thread.call(self._move)
 
     def _move(self) -> None:
-        if self._kick is not None:
-            self._kick.set()
+        self._kick.set()
         if self._session is not None:
             self._session.close("server moved")
 
@@ -122,8 +131,8 @@ class TunnelClient:
         self._set_state(LinkState.DISCONNECTED, None)
 
     async def _stop(self) -> None:
-        if self._kick is not None:
-            self._kick.set()
+        self._kick.set()
+        self._usable.set()  # requests waiting for a tunnel give up now
         sessions = [s for s in (self._session, *self._old_sessions) if s is not None]
         for session in sessions:
             session.close("agent stopped")
@@ -139,6 +148,8 @@ class TunnelClient:
             while self._state is not LinkState.CONNECTED:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopped.is_set() or (cancel is not None and cancel.is_set()):
+                    return False
+                if self._permanent is not None:
                     return False
                 self._changed.wait(min(remaining, 0.25))
             return True
@@ -156,15 +167,18 @@ class TunnelClient:
             self._last_error,
             self._failures,
             self._last_connect_ms,
+            self._permanent,
         )
 
     # ----- Dialer (on the loop) ----------------------------------------------
 
     async def dial(self, host: str, port: int) -> TunnelStream:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.request_wait
+        # While the server is still being woken, a request waits as long as the wake may take.
+        wait = self.config.request_wait if self._ever_connected else self.config.connection_timeout
+        deadline = loop.time() + wait
         while True:
-            session = await self._usable_session(deadline)
+            session = await self._usable_session(deadline, wait)
             try:
                 return await session.open_stream(host, port, timeout=self.config.connect_timeout + 5.0)
             except DialError as exc:
@@ -173,7 +187,7 @@ class TunnelClient:
                 if exc.reason not in ("tunnel_down", "shutting_down") or loop.time() >= deadline:
                     raise
 
-    async def _usable_session(self, deadline: float) -> TunnelSession:
+    async def _usable_session(self, deadline: float, wait: float) -> TunnelSession:
         loop = asyncio.get_running_loop()
         while True:
             session = self._session
@@ -181,14 +195,12 @@ class TunnelClient:
                 return session
             if self._stopped.is_set():
                 raise DialError("tunnel_down", "the agent is stopping")
+            if self._permanent is not None:
+                raise DialError("tunnel_down", self._permanent)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 why = self._last_error or "not connected yet"
-                raise DialError(
-                    "tunnel_down",
-                    f"tunnel to the server is down ({why}); waited {self.config.request_wait:g} s",
-                )
-            assert self._usable is not None
+                raise DialError("tunnel_down", f"tunnel to the server is down ({why}); waited {wait:g} s")
             self._usable.clear()
             try:
                 async with asyncio.timeout(min(remaining, 0.25)):
@@ -212,7 +224,6 @@ class TunnelClient:
                 log.exception("link state observer failed")
 
     async def _supervise(self) -> None:
-        assert self._kick is not None and self._usable is not None
         loop = asyncio.get_running_loop()
         backoff = INITIAL_BACKOFF
         first = True
@@ -224,7 +235,19 @@ class TunnelClient:
             started = loop.time()
             try:
                 session = await self._connect(endpoint)
-            except (OSError, TlsError, ConnectionError) as exc:
+            except (OSError, ConnectionError) as exc:
+                if isinstance(exc, TlsError) and exc.certificate:
+                    # Not transient: the same certificates will be refused again. Say so now.
+                    hint = "" if "same `fluidity-certs init`" in str(exc) else SAME_CA_HINT
+                    self._permanent = f"{endpoint} refused the tunnel: {exc}{hint}"
+                    self._failures += 1
+                    log.error(
+                        "certificate refused, not retrying",
+                        extra={"server": str(endpoint), "reason": str(exc)},
+                    )
+                    self._set_state(LinkState.DISCONNECTED, self._permanent)
+                    self._usable.set()
+                    return
                 reason = _describe_connect_error(exc, endpoint.port)
                 self._failures += 1
                 self._last_error = f"cannot reach {endpoint}: {reason}"
@@ -259,6 +282,7 @@ class TunnelClient:
             self._connected_since = time.time()
             self._last_error = None
             backoff = INITIAL_BACKOFF
+            self._ever_connected = True
             self._usable.set()
             self._set_state(LinkState.CONNECTED, None)
             await self._watch(session)
@@ -276,7 +300,6 @@ class TunnelClient:
                 self._set_state(LinkState.RECONNECTING, f"tunnel lost: {reason}")
 
     async def _watch(self, session: TunnelSession) -> None:
-        assert self._kick is not None
         while not self._stopped.is_set() and session.closed_reason is None and session.goaway is None:
             if self._kick.is_set():
                 return
@@ -300,10 +323,11 @@ class TunnelClient:
 
         def on_closed(session: TunnelSession, reason: str) -> None:
             if not ready.done():
-                ready.set_exception(ConnectionError(reason))
+                ready.set_exception(session.tls_failure or ConnectionError(reason))
             with self._changed:
                 self._changed.notify_all()
 
+        assert self.context is not None
         session = TunnelSession(
             TlsSession(self.context, server_side=False, server_hostname=self.config.server_name),
             conn,

@@ -23,7 +23,34 @@ class TlsSetupError(Exception):
 
 
 class TlsError(ConnectionError):
-    """The TLS session failed (handshake refused, bad certificate, unexpected close)."""
+    """The TLS session failed (handshake refused, bad certificate, unexpected close).
+
+    ``certificate`` is True when a certificate was refused (by us or by the peer): trying
+    again cannot help until the certificates change.
+    """
+
+    def __init__(self, message: str, *, certificate: bool = False) -> None:
+        super().__init__(message)
+        self.certificate = certificate
+
+
+#: OpenSSL reasons that mean a certificate was refused, on either side.
+_CERTIFICATE_FAILURES = (
+    "CERTIFICATE_VERIFY_FAILED",
+    "CERTIFICATE_REQUIRED",
+    "UNKNOWN_CA",
+    "CERTIFICATE_EXPIRED",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_REVOKED",
+    "UNSUPPORTED_CERTIFICATE",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+)
+
+
+def tls_error(exc: ssl.SSLError) -> TlsError:
+    """Our error for an OpenSSL one: a reason a user can act on, and whether it is permanent."""
+    text = str(getattr(exc, "reason", "") or exc).upper()
+    return TlsError(describe_ssl_error(exc), certificate=any(key in text for key in _CERTIFICATE_FAILURES))
 
 
 class SilentClose(TlsError):
@@ -315,7 +342,7 @@ class TlsSession:
         except ssl.SSLWantReadError:
             return False
         except ssl.SSLError as exc:
-            raise TlsError(describe_ssl_error(exc)) from None
+            raise tls_error(exc) from None
         return True
 
     def read(self) -> tuple[list[bytes], bool]:
@@ -329,7 +356,7 @@ class TlsSession:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return chunks, True
             except ssl.SSLError as exc:
-                raise TlsError(describe_ssl_error(exc)) from None
+                raise tls_error(exc) from None
             if not piece:
                 return chunks, True
             chunks.append(piece)
@@ -338,7 +365,7 @@ class TlsSession:
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
-            raise TlsError(describe_ssl_error(exc)) from None
+            raise tls_error(exc) from None
 
     def data_to_send(self) -> bytes:
         return self._outgoing.read()

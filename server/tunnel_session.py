@@ -59,6 +59,8 @@ STREAM_WRITE_HIGH = 256 * 1024
 STREAM_WRITE_LOW = 64 * 1024
 
 OpenRequestHandler = Callable[["TunnelSession", StreamOpenRequested], None]
+#: ``(up, down)`` bytes a relay moved: sent into the tunnel, and delivered from it.
+ByteCounter = Callable[[int, int], None]
 SessionHandler = Callable[["TunnelSession"], None]
 ClosedHandler = Callable[["TunnelSession", str], None]
 
@@ -86,6 +88,7 @@ class StreamRelay(asyncio.BufferedProtocol):
         self.stream_id = stream_id
         self.target = target
         self.sock = sock  # the raw socket, to read what is left after a failed write
+        self.counter: ByteCounter | None = None  # the agent's traffic meter, once it takes over
         self.transport: asyncio.Transport | None = None
         self.last_activity = session.loop.time()
         self._pending = bytearray()  # read while the stream could not send (rare: see get_buffer)
@@ -136,6 +139,8 @@ class StreamRelay(asyncio.BufferedProtocol):
         return _SCRATCH[: min(allowance, READ_SIZE)]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.counter is not None:
+            self.counter(nbytes, 0)
         data = _SCRATCH[:nbytes]
         self.last_activity = self.session.loop.time()
         if self._pending:
@@ -201,6 +206,8 @@ class StreamRelay(asyncio.BufferedProtocol):
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        if self.counter is not None:
+            self.counter(0, len(data))
         if self._done:
             self.session.consumed(self.stream_id, len(data))
             return
@@ -379,9 +386,12 @@ class TunnelStream:
         self._drop_buffer()
         self.session.release(self)
 
-    def take_over(self, transport: asyncio.Transport, target: str, first: bytes) -> StreamRelay:
+    def take_over(
+        self, transport: asyncio.Transport, target: str, first: bytes, counter: ByteCounter | None = None
+    ) -> StreamRelay:
         """Hand the stream to a ``StreamRelay`` on the client's socket (after CONNECT or 101)."""
         relay = StreamRelay(self.session, self.stream_id, target)
+        relay.counter = counter
         for chunk in self._buffer:
             transport.write(chunk)
             self.session.consumed(self.stream_id, len(chunk))
@@ -453,6 +463,7 @@ class TunnelSession(asyncio.Protocol):
         self.peer_hello: Hello | None = None
         self.goaway: GoAwayReceived | None = None
         self.closed_reason: str | None = None
+        self.tls_failure: TlsError | None = None  # why TLS failed, when it did
         self.closed = self.loop.create_future()
         self.relays: dict[int, StreamEnd] = {}
         self._opening: dict[int, asyncio.Future[None]] = {}
@@ -680,6 +691,7 @@ class TunnelSession(asyncio.Protocol):
             done = self.tls.handshake()
         except TlsError as exc:
             self._write_tls()  # the alert tells the peer why
+            self.tls_failure = exc
             self._finish(str(exc))
             return
         self._write_tls()
@@ -696,6 +708,7 @@ class TunnelSession(asyncio.Protocol):
         try:
             chunks, ended = self.tls.read()
         except TlsError as exc:
+            self.tls_failure = exc
             self._finish(f"TLS error: {exc}")
             return
         for chunk in chunks:

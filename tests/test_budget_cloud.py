@@ -59,6 +59,9 @@ class ConnectedAgent:
     def __init__(self, _config: AgentConfig, _on_link_change: LinkObserver) -> None:
         self.endpoint: Endpoint | None = None
 
+    def listen(self) -> None:
+        pass
+
     def start(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from proxy_fixtures import OriginServer
 from tray_fixtures import fetch_through_proxy, wait_for_snapshot, wait_for_state, wait_until_stopped
-from tunnel_fixtures import Pki, ServerProcess, agent_config, free_port
+from tunnel_fixtures import Pki, ServerProcess, agent_config, free_port, wait_until
 
 from desktop.controller import (
     AgentSample,
@@ -211,6 +211,81 @@ def test_port_in_use_is_an_error_and_connect_works_once_it_is_free(
         wait_for_state(controller, State.CONNECTED)
     finally:
         assert controller.shutdown(30)
+
+
+class CountingLifecycle(StaticLifecycle):
+    """A static server whose wakes and kills are counted (what a paid lifecycle would bill)."""
+
+    wakes = 0
+    kills = 0
+
+    def wake(self, *args: object, **kwargs: object) -> Endpoint:
+        type(self).wakes += 1
+        return super().wake(*args, **kwargs)  # type: ignore[arg-type]
+
+    def kill(self) -> object:
+        type(self).kills += 1
+        return super().kill()
+
+
+def test_a_busy_port_is_found_before_the_server_is_woken(pki: Pki, tunnel_server: ServerProcess) -> None:
+    port = free_port()
+    config = agent_config(pki, tunnel_server.port, lifecycle="static", listen_port=port)
+    CountingLifecycle.wakes = CountingLifecycle.kills = 0
+    controller = make_controller(config, CountingLifecycle(config))
+    try:
+        with socket.create_server(("127.0.0.1", port)):
+            controller.connect()
+            snap = wait_for_state(controller, State.ERROR)
+        assert snap.error is not None and "cannot listen on" in snap.error
+        wait_until_stopped(controller)
+        assert CountingLifecycle.wakes == 0 and CountingLifecycle.kills == 0  # nothing woken, nothing paid
+    finally:
+        assert controller.shutdown(30)
+
+
+def test_requests_made_while_the_server_wakes_wait_for_the_tunnel(
+    pki: Pki, tunnel_server: ServerProcess, origin: OriginServer
+) -> None:
+    """The proxy listens before the wake; a request sent meanwhile is answered once the tunnel is up."""
+    import threading
+
+    release = threading.Event()
+
+    class SlowWake(StaticLifecycle):
+        def wake(self, *args: object, **kwargs: object) -> Endpoint:
+            release.wait(10)
+            return super().wake(*args, **kwargs)  # type: ignore[arg-type]
+
+    port = free_port()
+    config = agent_config(pki, tunnel_server.port, lifecycle="static", listen_port=port)
+    controller = make_controller(config, SlowWake(config))
+    try:
+        controller.connect()
+        wait_until(lambda: _accepts(port), 10, "the proxy listens while the server wakes")
+        assert controller.snapshot().state is State.WAKING
+        result: dict[str, object] = {}
+        fetcher = threading.Thread(
+            target=lambda: result.update(
+                reply=fetch_through_proxy(("127.0.0.1", port), origin.url("/echo/w"))
+            )
+        )
+        fetcher.start()
+        release.set()
+        fetcher.join(30)
+        status, body = result["reply"]  # type: ignore[misc]
+        assert status == 200 and b"/echo/w" in body
+    finally:
+        release.set()
+        assert controller.shutdown(30)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_missing_certificates_for_a_remote_server_are_an_error(pki: Pki, tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ class ConnectedAgent:
     def __init__(self, _config: AgentConfig, _observer: LinkObserver) -> None:
         pass
 
+    def listen(self) -> None:
+        pass
+
     def start(self, endpoint: Endpoint) -> None:
         pass
 

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +175,21 @@ def test_agent_refuses_a_server_whose_certificate_it_does_not_trust(
         "server logged that the agent refused it",
     )
     assert_serves(agent, http_origin)
+
+
+def test_a_refused_certificate_fails_the_connect_at_once_instead_of_retrying(
+    pki: Pki, tmp_path: Path, tunnel_server: ServerProcess, agent_factory: AgentFactory
+) -> None:
+    """Retrying cannot help a certificate the other side refuses: say so now, not after 90 s."""
+    stranger_ca = tmp_path / "stranger-ca.crt"
+    write_certificate(stranger_ca, generate_ca("Stranger CA").certificate)
+    doubting = agent_factory(tunnel_server.port, connected=False, ca_file=stranger_ca)
+    started = time.monotonic()
+    assert not doubting.agent.wait_connected(90.0)
+    assert time.monotonic() - started < 30.0  # it gave up on the first refusal (about 10 ms here)
+    stats = doubting.agent.stats()
+    assert stats.permanent_error is not None and "same CA" in stats.permanent_error
+    assert stats.consecutive_failures == 1
 
 
 def test_agent_without_certificate_files_says_how_to_create_them(
