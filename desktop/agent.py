@@ -77,6 +77,8 @@ class Agent:
         if bound_here:
             self.listen()
         assert self._client is not None
+        if self._meter is not None:
+            self._meter.begin_session()
         try:
             self._client.start(endpoint)
         except BaseException:

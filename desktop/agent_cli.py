@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Collection, Sequence
 from types import FrameType
 
@@ -23,7 +24,7 @@ from desktop.controller import Controller, Snapshot, State, missing_certificates
 from desktop.lifecycle.base import LifecycleError
 from desktop.lifecycle.factory import create_lifecycle
 from desktop.system_proxy.follower import follow_system_proxy
-from desktop.usage import UsageStore, default_usage_path
+from desktop.usage import UsageStore, default_usage_path, session_summary
 from server import __version__
 from server.config_loader import ConfigError, add_arguments, load_from_args, program_parser
 from server.json_logging import configure_logging
@@ -174,9 +175,15 @@ def run_headless(
     system_proxy = follow_system_proxy(controller, config, "off", notify=on_notice)
     watch.start()
     controller.connect()
+    interval = config.stats_interval
+    next_stats = time.monotonic() + interval
     while not stop.wait(0.5):
-        pass
+        if interval > 0 and time.monotonic() >= next_stats and store.metering:
+            next_stats = time.monotonic() + interval
+            log.info(session_summary(store))
     controller.shutdown(timeout=config.connection_timeout + 30.0)
+    if store.metering:
+        log.info(session_summary(store))
     if system_proxy is not None:
         system_proxy.close()
     watch.stop()

@@ -118,6 +118,9 @@ class AgentConfig(Settings):
     )
     header_timeout: float = duration("10s", help="how long a client may take to send its request head")
     idle_timeout: float = duration("60s", help="close a proxied connection idle for this long")
+    stats_interval: float = duration(
+        "0s", allow_zero=True, help="fluidity-agent logs a traffic summary this often (0 = only at the end)"
+    )
     max_connections: int = setting(
         4096, minimum=1, help="client connections the proxy serves at once; more are closed at once"
     )

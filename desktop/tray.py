@@ -31,7 +31,7 @@ from desktop.lifecycle.polling import describe_status
 from desktop.reload import BACKEND_KEYS, LIVE_KEYS, LOG_KEYS, SettingsReloader
 from desktop.system_proxy.detect import terminal_exports
 from desktop.system_proxy.follower import SystemProxyFollower, os_proxy_host
-from desktop.usage import server_text, traffic_text
+from desktop.usage import server_text, traffic_text, usage_lines
 
 if TYPE_CHECKING:
     from desktop.budget import UsageWatch
@@ -315,6 +315,11 @@ class TrayApp:
                 self.on_connect_over_budget,
                 visible=lambda _item: self.budget_refusal() is not None,
             ),
+            Item(
+                "Usage",
+                Menu(lambda: tuple(Item(line, None, enabled=False) for line in self.usage_menu_lines())),
+                visible=lambda _item: bool(self.usage_menu_lines()),
+            ),
             Item(lambda _item: f"Copy proxy address ({self.proxy_address()})", self.on_copy_proxy_address),
             Item("Copy proxy settings", self.on_copy_proxy_settings),
             Menu.SEPARATOR,
@@ -345,6 +350,12 @@ class TrayApp:
         # Until something counts traffic (the proxy calls record_bytes), no made-up zeros.
         traffic = traffic_text(usage.store) if usage is not None and usage.store.metering else None
         return status_line(self.controller.snapshot(), time.monotonic(), traffic)
+
+    def usage_menu_lines(self) -> list[str]:
+        """Session / today / month and the session's busiest hosts, once traffic is counted."""
+        if self.usage is None or not self.usage.store.metering:
+            return []
+        return usage_lines(self.usage.store)
 
     def usage_text(self) -> str:
         """The second line: server time and cost (only for backends that start a paid server)."""

@@ -62,6 +62,9 @@ class Meter(Protocol):
 
     def record_bytes(self, up: int, down: int, host: str | None = None) -> None: ...
 
+    def begin_session(self) -> None:
+        """A new Connect: the session's totals start from zero."""
+
 
 def default_usage_path() -> Path:
     """The usage file in the per-user data folder (next to the certificates)."""
@@ -230,6 +233,8 @@ class UsageStore:
         self._warned_unwritable = False
         #: Whether anything counts traffic in this process (the proxy's first record_bytes).
         self.metering = False
+        self._session = Totals()  # since the last Connect (in memory only)
+        self._session_started = clock()
         if path is not None:
             self._load()
 
@@ -275,6 +280,18 @@ class UsageStore:
 
     # ----- recording ----------------------------------------------------------
 
+    def begin_session(self) -> None:
+        with self._lock:
+            self._session = Totals()
+            self._session_started = self._clock()
+
+    def session(self) -> tuple[Totals, float]:
+        """This session's totals (a copy) and when it began (epoch seconds)."""
+        with self._lock:
+            copy = Totals(self._session.up, self._session.down)
+            copy.hosts = {host: list(counts) for host, counts in self._session.hosts.items()}
+            return copy, self._session_started
+
     def record_bytes(self, up: int, down: int, host: str | None = None) -> None:
         """Count ``up`` bytes sent and ``down`` received for ``host`` (the proxy calls this)."""
         self.metering = True
@@ -286,8 +303,11 @@ class UsageStore:
             day = self._pending.setdefault(day_key(now), Totals())
             day.up += up
             day.down += down
+            self._session.up += up
+            self._session.down += down
             if host:
                 day.add_host(host, up, down)
+                self._session.add_host(host, up, down)
             if self._run is not None:
                 self._run = replace(self._run, up=self._run.up + up, down=self._run.down + down)
             second = float(int(now))
@@ -660,3 +680,33 @@ def host_of(target: str) -> str:
         return target[1 : target.find("]")] if "]" in target else target
     host, _, _port = target.rpartition(":")
     return host or target
+
+
+def usage_lines(store: UsageStore, now: float | None = None, hosts: int = 5) -> list[str]:
+    """The tray's Usage submenu: this session, today, this month, the session's busiest hosts."""
+    session, _started = store.session()
+    today, month = store.day(now), store.month(now)
+    lines = [
+        f"This session: ↓ {format_bytes(session.down)} ↑ {format_bytes(session.up)}",
+        f"Today: ↓ {format_bytes(today.down)} ↑ {format_bytes(today.up)}",
+        f"This month: ↓ {format_bytes(month.down)} ↑ {format_bytes(month.up)}",
+    ]
+    top = session.top_hosts(hosts)
+    if top:
+        lines.append("Busiest hosts this session:")
+        lines += [f"  {host} · {format_bytes(count)}" for host, count in top]
+    return lines
+
+
+def session_summary(store: UsageStore, now: float | None = None) -> str:
+    """One log line for the end of a session (and for ``stats_interval``)."""
+    session, started = store.session()
+    now = store.now() if now is None else now
+    down, up = store.rates(now)
+    top = session.top_hosts(1)
+    busiest = f", busiest {top[0][0]} ({format_bytes(top[0][1])})" if top else ""
+    return (
+        f"session {format_span(max(0.0, now - started))}: ↓ {format_bytes(session.down)} "
+        f"↑ {format_bytes(session.up)} (now ↓ {format_rate(down)} ↑ {format_rate(up)}), "
+        f"today {format_bytes(store.day(now).bytes)}{busiest}"
+    )

@@ -355,3 +355,39 @@ def test_kde_tells_running_programs_to_reparse(session: Session, tmp_path: Path)
         monitor.terminate()
         output, _ = monitor.communicate(timeout=10)
     assert output.count("member=reparseSlaveConfiguration") >= 2, output
+
+
+def test_the_doctor_reads_the_system_proxy_the_tray_set(
+    session: Session, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fluidity doctor`'s local.system_proxy line reads the real GSettings values."""
+    from desktop.config import AgentConfig
+    from desktop.doctor.local_checks import check_system_proxy
+    from desktop.doctor.model import Status
+    from server.config_loader import load
+
+    for key, value in {**session.env, "XDG_CURRENT_DESKTOP": "ubuntu:GNOME"}.items():
+        monkeypatch.setenv(key, value)
+    config = load(
+        AgentConfig,
+        None,
+        env={},
+        overrides={
+            "lifecycle": "local",
+            "listen_port": 8080,
+            "bypass": list(RULES.texts),
+            "ca_file": pki.path("ca.crt"),
+            "cert_file": pki.path("client.crt"),
+            "key_file": pki.path("client.key"),
+        },
+    )
+    set_user_settings(session)
+    assert check_system_proxy(config).status is Status.INFO  # the user's own proxy: not Fluidity's
+    manager = SystemProxyManager(
+        GSettingsBackend(session.runner), session.root / "state" / "system-proxy.json"
+    )
+    manager.engage(manual_request())
+    result = check_system_proxy(config)
+    assert result.status is Status.PASS and "127.0.0.1:8080" in result.finding
+    manager.release()
+    assert check_system_proxy(config).status is Status.INFO

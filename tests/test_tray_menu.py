@@ -162,6 +162,7 @@ def test_menu_has_every_entry_with_connect_as_the_default(local_tray: Tray) -> N
         "",  # hidden: server time and cost, for backends that start a paid server
         "Connect",
         "Connect anyway (over budget)",  # hidden unless this month's budget is used up
+        "Usage",  # hidden until the proxy has counted traffic
         f"Copy proxy address (127.0.0.1:{port})",
         "Copy proxy settings",
         "Certificates",

@@ -152,6 +152,28 @@ def test_connected_tray_shows_traffic_server_time_and_cost(cloud_tray: Tray, clo
     ]
 
 
+def test_the_usage_submenu_lists_the_session_and_its_busiest_hosts(
+    cloud_tray: Tray, clock: FakeClock
+) -> None:
+    store = cloud_tray.app.usage.store  # type: ignore[union-attr]
+    assert "Usage" not in shown(cloud_tray)  # nothing counted yet
+    store.begin_session()
+    store.record_bytes(1_000, 80_000_000, "video.example")
+    store.record_bytes(500, 2_000_000, "news.example")
+    assert "Usage" in shown(cloud_tray)
+    (usage,) = [item for item in cloud_tray.app.icon.menu.items if str(item.text) == "Usage"]
+    lines = [str(item.text) for item in usage.submenu.items]
+    assert lines == [
+        "This session: ↓ 82 MB ↑ 1.5 kB",
+        "Today: ↓ 82 MB ↑ 1.5 kB",
+        "This month: ↓ 82 MB ↑ 1.5 kB",
+        "Busiest hosts this session:",
+        "  video.example · 80 MB",
+        "  news.example · 2.0 MB",
+    ]
+    assert not any(item.enabled for item in usage.submenu.items)  # information, not actions
+
+
 def test_over_budget_connect_refuses_and_connect_anyway_confirms(
     cloud_tray: Tray, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,8 +35,10 @@ from desktop.usage import (
     month_key,
     report_lines,
     server_text,
+    session_summary,
     summarise,
     traffic_text,
+    usage_lines,
 )
 from server.framing import ServerState, ServerStatus
 
@@ -112,6 +114,38 @@ def test_the_traffic_text_the_tray_shows(clock: FakeClock) -> None:
     assert traffic_text(store) == "↓ 1.2 MB/s ↑ 40 kB/s · 230 MB today"
     clock.advance(10)  # quiet since
     assert traffic_text(store) == "↓ 0 B/s ↑ 0 B/s · 230 MB today"
+
+
+def test_the_usage_submenu_shows_session_today_month_and_the_busiest_hosts(clock: FakeClock) -> None:
+    store = store_at(None, clock)
+    store.record_bytes(0, 5_000_000, "before.example")  # an earlier session today
+    store.begin_session()
+    for index, size in enumerate((900, 7_000, 600, 50_000, 3_000, 120_000)):
+        store.record_bytes(100, size, f"h{index}.example")
+    lines = usage_lines(store)
+    assert lines[:3] == [
+        "This session: ↓ 182 kB ↑ 600 B",
+        "Today: ↓ 5.2 MB ↑ 600 B",
+        "This month: ↓ 5.2 MB ↑ 600 B",
+    ]
+    assert lines[3] == "Busiest hosts this session:"
+    assert [line.split(" · ")[0].strip() for line in lines[4:]] == [
+        "h5.example",
+        "h3.example",
+        "h1.example",
+        "h4.example",
+        "h0.example",
+    ]
+
+
+def test_the_agents_session_summary_line(clock: FakeClock) -> None:
+    store = store_at(None, clock)
+    store.begin_session()
+    store.record_bytes(2_000, 3_000_000, "example.com")
+    clock.advance(75)
+    assert session_summary(store) == (
+        "session 1 min: ↓ 3.0 MB ↑ 2.0 kB (now ↓ 0 B/s ↑ 0 B/s), today 3.0 MB, busiest example.com (3.0 MB)"
+    )
 
 
 def test_the_server_text_the_tray_shows(clock: FakeClock) -> None:

@@ -416,18 +416,34 @@ class SystemProxySetting:
 SystemProxyReader = Callable[[], SystemProxySetting | None]
 
 
-def read_system_proxy() -> SystemProxySetting | None:
-    """The system proxy Fluidity set, if any.
+def read_system_proxy(config: AgentConfig) -> SystemProxySetting | None:
+    """The desktop's proxy when it holds exactly what Fluidity sets for ``config``, else None.
 
-    Fluidity does not set the system proxy yet, so there is nothing to read. A future
-    system-proxy feature plugs its reader in here (or passes its own to the doctor).
+    Read through the same backend the tray uses (GSettings, KDE, the Windows registry,
+    networksetup); a desktop without one, or a tool that fails, reads as "not configured".
     """
+    from desktop.system_proxy.base import Mode, ProxyRequest, SystemProxyError, changed_keys
+    from desktop.system_proxy.detect import detect
+
+    backend = detect().backend
+    if backend is None:
+        return None
+    try:
+        current = backend.read()
+    except SystemProxyError:
+        return None
+    for mode in (Mode.MANUAL, Mode.PAC):
+        request = ProxyRequest(mode, config.listen_address, config.listen_port, config.bypass_rules())
+        if not changed_keys(backend.render(request, current), current):
+            return SystemProxySetting(
+                f"{backend.name} ({mode.value})", config.listen_address, config.listen_port
+            )
     return None
 
 
-def check_system_proxy(config: AgentConfig, reader: SystemProxyReader = read_system_proxy) -> CheckResult:
+def check_system_proxy(config: AgentConfig, reader: SystemProxyReader | None = None) -> CheckResult:
     """When a system proxy is set, it points at this Fluidity's proxy."""
-    setting = reader()
+    setting = reader() if reader is not None else read_system_proxy(config)
     wanted = f"{config.listen_address}:{config.listen_port}"
     if setting is None:
         return info(

@@ -33,7 +33,6 @@ from desktop.doctor.local_checks import (
     check_proxy_port,
     check_system_proxy,
     load_config,
-    read_system_proxy,
 )
 from desktop.doctor.model import (
     CheckResult,
@@ -89,7 +88,7 @@ class DoctorOptions:
 
     aws: bool = False
     public_address: PublicAddressSource = lookup_public_ip
-    system_proxy: SystemProxyReader = read_system_proxy
+    system_proxy: SystemProxyReader | None = None  # None: read the desktop's settings
     clock: Callable[[], datetime] = _utcnow
     aws_clients: Callable[[AgentConfig], AwsClients] = open_aws_clients
     server_timeout: float | None = None
