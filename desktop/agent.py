@@ -64,6 +64,7 @@ class Agent:
                 pac_rules=rules,
                 pac_fallback_direct=self.config.pac_fallback_direct,
                 meter=self._meter,
+                optimistic_connect=self.config.optimistic_connect,
                 loop_thread=client.loop_thread,
             )
             proxy.start()

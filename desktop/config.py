@@ -118,6 +118,11 @@ class AgentConfig(Settings):
     )
     header_timeout: float = duration("10s", help="how long a client may take to send its request head")
     idle_timeout: float = duration("60s", help="close a proxied connection idle for this long")
+    optimistic_connect: bool = setting(
+        True,
+        help="answer CONNECT before the server has dialed, so the TLS hello rides behind the OPEN "
+        "(a failed dial then closes the connection instead of answering 502)",
+    )
     stats_interval: float = duration(
         "0s", allow_zero=True, help="fluidity-agent logs a traffic summary this often (0 = only at the end)"
     )

@@ -131,6 +131,7 @@ class _Settings:
     idle_timeout: float
     max_header_count: int
     pac_file: bytes | None = None  # served at /proxy.pac, rendered for the address listened on
+    optimistic_connect: bool = False  # answer CONNECT at once; the TLS hello rides behind the OPEN
 
 
 class _ClientGone(Exception):
@@ -355,6 +356,7 @@ class ClientExchange:
         target = ProxyTarget("authority", request.host, request.port, request.display, "")
         try:
             stream = await self._dial(target)
+            await stream.wait_open()  # SOCKS clients act on the reply code: tell them the real outcome
         except DialError as error:
             answer, reply = handshake.failed(error.reason)
             self._log.warning(
@@ -505,6 +507,12 @@ class ClientExchange:
                     upstream, relay_interim=request.minor_version > 0
                 )
                 return upstream, raw_head, response, body_sent
+            except DialError as error:  # a 0-RTT stream whose dial failed: the same answer as before
+                self._drop_upstream()
+                status, message, proxy_status = dial_failure_response(error, target)
+                raise _RequestRejected(
+                    status, message, proxy_status, f"dial failed: {error.reason}"
+                ) from None
             except _UpstreamLost as lost:
                 self._drop_upstream()
                 if reused and not lost.responded and not has_body and attempt == 1:
@@ -662,6 +670,8 @@ class ClientExchange:
         self._drop_upstream()
         try:
             stream = await self._dial(target)
+            if not self._settings.optimistic_connect:
+                await stream.wait_open()
         except DialError as error:
             status, message, proxy_status = dial_failure_response(error, target)
             raise _RequestRejected(status, message, proxy_status, f"dial failed: {error.reason}") from None
@@ -862,13 +872,16 @@ class LocalProxy:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         pac_rules: BypassRules | None = None,
         pac_fallback_direct: bool = False,
+        optimistic_connect: bool = False,
         meter: Meter | None = None,
         logger: logging.Logger | None = None,
         loop_thread: LoopThread | None = None,
     ) -> None:
         self._dialer = dialer
         self._listen = (listen_address, listen_port)
-        self._settings = _Settings(max_header_bytes, header_timeout, idle_timeout, max_header_count)
+        self._settings = _Settings(
+            max_header_bytes, header_timeout, idle_timeout, max_header_count, None, optimistic_connect
+        )
         self._max_connections = max_connections
         self._pac_rules = pac_rules  # serve /proxy.pac from these rules (None: no PAC file)
         self._pac_fallback_direct = pac_fallback_direct

@@ -163,6 +163,9 @@ class SocketStream(asyncio.Protocol):
         if self._closed:
             raise StreamClosedError(f"connection closed: {self._lost}", "cancelled")
 
+    async def wait_open(self) -> None:
+        """A direct connection is open once connected."""
+
     def shutdown_write(self) -> None:
         if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
             try:

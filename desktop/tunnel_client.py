@@ -180,7 +180,9 @@ class TunnelClient:
         while True:
             session = await self._usable_session(deadline, wait)
             try:
-                return await session.open_stream(host, port, timeout=self.config.connect_timeout + 5.0)
+                return await session.open_stream(
+                    host, port, timeout=self.config.connect_timeout + 5.0, wait=False
+                )
             except DialError as exc:
                 # The tunnel died or was told to go away between our check and the OPEN:
                 # try the next one while the request's waiting budget lasts.

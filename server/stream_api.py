@@ -50,6 +50,9 @@ class ByteStream(Protocol):
     async def recv(self, max_bytes: int) -> bytes:
         """Wait for data; ``b""`` once the peer half-closed; raises StreamClosedError on reset."""
 
+    async def wait_open(self) -> None:
+        """Until the far end is connected; raises DialError if it could not be (0-RTT streams)."""
+
     def shutdown_write(self) -> None:
         """Half-close: tell the peer no more data follows."""
 

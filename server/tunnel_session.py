@@ -22,11 +22,13 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 from server.framing import (
+    DATA_QUANTUM,
     DataReceived,
     Event,
     FailReason,
@@ -48,8 +50,13 @@ from server.stream_api import DialError, StreamClosedError
 from server.tls import TlsError, TlsSession
 
 #: Queued TLS output above which the tunnel stops taking more from its streams.
-TUNNEL_WRITE_HIGH = 512 * 1024
-TUNNEL_WRITE_LOW = 128 * 1024
+TUNNEL_WRITE_HIGH = 128 * 1024
+TUNNEL_WRITE_LOW = 32 * 1024
+#: Unsent bytes the kernel may hold for the tunnel socket (TCP_NOTSENT_LOWAT): the rest waits
+#: in the protocol's per-stream queues, where the scheduler can still put a small reply first.
+NOTSENT_LOWAT = 128 * 1024
+#: Linux's value where the socket module lacks the name.
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
 #: Protocol output (frames not yet encrypted) a stream may add to before it must wait.
 OUTPUT_BUDGET = 1024 * 1024
 #: Largest single read from a stream's socket (one shared buffer per loop).
@@ -298,6 +305,8 @@ class TunnelStream:
         self._waiter: asyncio.Future[None] | None = None
         self._fin_sent = False
         self._closed = False
+        #: Resolved by OPEN_OK, failed by OPEN_FAIL (a DialError); None once known to be open.
+        self.opened: asyncio.Future[None] | None = None
 
     # ----- what the session calls ---------------------------------------------
 
@@ -321,6 +330,18 @@ class TunnelStream:
         self._wake()
         return True
 
+    def open_failed(self, error: DialError) -> None:
+        """The server could not dial (after we already sent, 0-RTT): reads and writes say why."""
+        self._open_error = error
+        self._wake()
+
+    _open_error: DialError | None = None
+
+    async def wait_open(self) -> None:
+        """Until the server has dialed the target (OPEN_OK); raises DialError if it could not."""
+        if self.opened is not None:
+            await self.opened
+
     @property
     def buffered(self) -> int:
         """Received bytes waiting for the reader (bounded by the stream window)."""
@@ -330,6 +351,8 @@ class TunnelStream:
 
     async def recv(self, max_bytes: int) -> bytes:
         while not self._buffer:
+            if self._open_error is not None:
+                raise self._open_error
             if self._error is not None:
                 raise self._error
             if self._eof:
@@ -358,6 +381,8 @@ class TunnelStream:
     async def sendall(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
+            if self._open_error is not None:
+                raise self._open_error
             if self._error is not None:
                 raise self._error
             if self._fin_sent:
@@ -467,6 +492,9 @@ class TunnelSession(asyncio.Protocol):
         self.closed = self.loop.create_future()
         self.relays: dict[int, StreamEnd] = {}
         self._opening: dict[int, asyncio.Future[None]] = {}
+        #: Server side: bytes (0-RTT) and FIN that came for a stream whose dial is still running.
+        self._early: dict[int, list[bytes]] = {}
+        self._early_fin: set[int] = set()
         #: Work started for a stream not yet relayed (the server's dial), cancelled on RESET.
         self.pending: dict[int, asyncio.Task[Any]] = {}
         self._blocked: set[StreamEnd] = set()
@@ -484,7 +512,13 @@ class TunnelSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # another loop's transports need not subclass it
-        set_nodelay(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        set_nodelay(sock)
+        if sock is not None and _TCP_NOTSENT_LOWAT is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            except OSError:  # not on this OS: the transport's own limit still applies
+                pass
         self.transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
         self._arm_timer()
         self._drive_handshake()
@@ -575,8 +609,13 @@ class TunnelSession(asyncio.Protocol):
             self.conn.reset_stream(relay.stream_id, FailReason.CANCELLED, detail, discard_queued=False)
             self._schedule_flush()
 
-    async def open_stream(self, host: str, port: int, timeout: float) -> TunnelStream:
-        """Agent side: ask the server to dial ``host:port``; raises DialError."""
+    async def open_stream(self, host: str, port: int, timeout: float, *, wait: bool = True) -> TunnelStream:
+        """Agent side: ask the server to dial ``host:port``; raises DialError.
+
+        With ``wait`` False the stream comes back at once (0-RTT): what is sent on it leaves
+        right behind the OPEN, and a failed dial surfaces as DialError from recv/sendall
+        (or ``wait_open``).
+        """
         if not self.accepting_streams or not self.conn.can_open_streams:
             raise DialError("tunnel_down", f"tunnel not usable: {self.closed_reason or 'closing'}")
         try:
@@ -588,6 +627,12 @@ class TunnelSession(asyncio.Protocol):
         opened = self.loop.create_future()
         self._opening[sid] = opened
         self._schedule_flush()
+        if not wait:
+            stream.opened = opened
+            opened.add_done_callback(_retrieve)
+            timer = self.loop.call_later(timeout, self._open_timed_out, sid, timeout)
+            opened.add_done_callback(lambda _: timer.cancel())
+            return stream
         try:
             async with asyncio.timeout(timeout):
                 await opened
@@ -600,6 +645,17 @@ class TunnelSession(asyncio.Protocol):
         finally:
             self._opening.pop(sid, None)
         return stream
+
+    def _open_timed_out(self, sid: int, timeout: float) -> None:
+        opened = self._opening.pop(sid, None)
+        if opened is None or opened.done():
+            return
+        error = DialError("timeout", f"no answer from the tunnel server within {timeout:g} s")
+        opened.set_exception(error)
+        stream = self.relays.get(sid)
+        self.reset_stream(sid, FailReason.TIMEOUT, "agent gave up waiting")
+        if isinstance(stream, TunnelStream):
+            stream.open_failed(error)
 
     def release(self, stream: TunnelStream) -> None:
         """A coroutine stream is done with: forget it, resetting it if it is still open."""
@@ -618,11 +674,20 @@ class TunnelSession(asyncio.Protocol):
         """Server side: the target is connected; OPEN_OK, and the relay may start reading."""
         self.relays[relay.stream_id] = relay
         self.conn.accept_stream(relay.stream_id)
+        early = self._early.pop(relay.stream_id, None)
+        if early:
+            for chunk in early:
+                relay.deliver(chunk)
+            relay.write_out()
+        if relay.stream_id in self._early_fin:
+            self._early_fin.discard(relay.stream_id)
+            relay.remote_eof()
         self._blocked.add(relay)  # flush() lets it read once OPEN_OK is on its way
         self._schedule_flush()
 
     def reject_stream(self, stream_id: int, reason: FailReason, message: str) -> None:
         """Server side: OPEN_FAIL for a stream that could not be set up."""
+        self._drop_early(stream_id)
         if self.closed_reason is None and self.conn.is_open(stream_id):
             self.conn.reject_stream(stream_id, reason, message)
             self._schedule_flush()
@@ -668,14 +733,18 @@ class TunnelSession(asyncio.Protocol):
         if self.closed_reason is not None or not self._tls_up:
             return
         if not self._write_paused and self.conn.pending_output:
+            assert self.transport is not None
+            # Only what the socket can take now leaves the protocol's queues (see NOTSENT_LOWAT).
+            room = max(TUNNEL_WRITE_HIGH - self.transport.get_write_buffer_size(), DATA_QUANTUM)
             try:
-                self.tls.write(self.conn.data_to_send())
+                self.tls.write(self.conn.data_to_send(limit=room))
             except TlsError as exc:
                 self._finish(f"TLS error: {exc}")
                 return
         self._write_tls()
-        if self._blocked and not self._write_paused:
-            self._wake_all()
+        if not self._write_paused:
+            if self._blocked:
+                self._wake_all()
             if self.conn.pending_output and self._flush_handle is None:
                 self._flush_handle = self.loop.call_soon(self.flush)
 
@@ -743,7 +812,9 @@ class TunnelSession(asyncio.Protocol):
         if isinstance(event, DataReceived):
             relay = self.relays.get(event.stream_id)
             self.last_activity = self.loop.time()
-            if relay is None:
+            if relay is None and event.stream_id in self.pending:
+                self._early.setdefault(event.stream_id, []).append(event.data)  # held: within the window
+            elif relay is None:
                 self.conn.acknowledge(event.stream_id, len(event.data))
             else:
                 relay.deliver(event.data)
@@ -751,6 +822,8 @@ class TunnelSession(asyncio.Protocol):
             relay = self.relays.get(event.stream_id)
             if relay is not None:
                 relay.remote_eof()
+            elif event.stream_id in self.pending:
+                self._early_fin.add(event.stream_id)
         elif isinstance(event, StreamReset):
             relay = self.relays.pop(event.stream_id, None)
             if relay is not None:
@@ -759,6 +832,7 @@ class TunnelSession(asyncio.Protocol):
             task = self.pending.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
+            self._drop_early(event.stream_id)
         elif isinstance(event, WindowOpened):
             if event.stream_id == 0:
                 self._wake_all()
@@ -767,17 +841,26 @@ class TunnelSession(asyncio.Protocol):
                 if relay is not None and relay in self._blocked and relay.unblock():
                     self._blocked.discard(relay)
         elif isinstance(event, StreamOpened):
-            opened = self._opening.get(event.stream_id)
+            opened = self._opening.pop(event.stream_id, None)
             if opened is not None and not opened.done():
                 opened.set_result(None)
             relay = self.relays.get(event.stream_id)
             if relay is not None:
                 relay.unblock()
         elif isinstance(event, StreamOpenFailed):
-            self.relays.pop(event.stream_id, None)
-            opened = self._opening.get(event.stream_id)
+            relay = self.relays.pop(event.stream_id, None)
+            error = DialError(event.reason.label, event.message)
+            opened = self._opening.pop(event.stream_id, None)
             if opened is not None and not opened.done():
-                opened.set_exception(DialError(event.reason.label, event.message))
+                opened.set_exception(error)
+            if isinstance(relay, TunnelStream):
+                relay.open_failed(error)
+            elif relay is not None:  # an optimistic CONNECT already answered 200: close the client
+                self.log.warning(
+                    "optimistic CONNECT failed, closing the client connection",
+                    extra={"target": relay.target, "reason": event.reason.label, "detail": event.message},
+                )
+                relay.abort()
         elif isinstance(event, StreamOpenRequested):
             if self.on_open_request is not None:
                 self.on_open_request(self, event)
@@ -797,6 +880,13 @@ class TunnelSession(asyncio.Protocol):
                 "peer sent GOAWAY",
                 extra={"tunnel": self.name, "reason": event.reason.label, "detail": event.message},
             )
+
+    def _drop_early(self, stream_id: int) -> None:
+        """Early bytes that will never be relayed: their connection credit goes back."""
+        early = self._early.pop(stream_id, None)
+        self._early_fin.discard(stream_id)
+        if early:
+            self.conn.acknowledge(stream_id, sum(len(chunk) for chunk in early))
 
     def _write_out(self) -> None:
         deliveries, self.deliveries = self.deliveries, []
@@ -885,3 +975,9 @@ class TunnelSession(asyncio.Protocol):
                 self.on_closed(self, reason)
             except Exception:  # a callback bug must not break the loop's callback
                 self.log.exception("tunnel close handler failed", extra={"tunnel": self.name})
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a failed open as seen: the failure reaches the stream's reader another way."""
+    if not future.cancelled():
+        future.exception()

@@ -246,3 +246,50 @@ def test_chromium_with_the_pac_url_reaches_an_https_origin_through_the_tunnel(
         tmp_path, tls_origin.url("/echo/pac", "localhost"), f"--proxy-pac-url=http://{host}:{port}/proxy.pac"
     )
     assert "/echo/pac" in page
+
+
+# --------------------------------------------------------------------------- 0-RTT and the optimistic CONNECT
+
+
+def test_an_optimistic_connect_answers_at_once_and_a_failed_dial_closes_the_connection(
+    server_factory: ServerFactory, agent_factory: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = agent_factory(server_factory().port, optimistic_connect=True)
+    port = closed_port()
+    with socket.create_connection(agent.proxy_address, timeout=IO_TIMEOUT) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")  # before the server has dialed
+        sock.sendall(b"\x16\x03\x01 a client hello would ride here")
+        assert sock.recv(100) == b""  # the dial failed: the connection is closed
+    assert any(
+        "optimistic CONNECT failed" in record.getMessage() and getattr(record, "reason", "") == "refused"
+        for record in caplog.records
+    )
+
+
+def test_an_optimistic_connect_carries_a_real_https_exchange(
+    server_factory: ServerFactory,
+    agent_factory: AgentFactory,
+    tls_origin: OriginServer,
+    tls_material: TlsMaterial,
+) -> None:
+    agent = agent_factory(server_factory().port, optimistic_connect=True)
+    result = curl_via(
+        "--proxy",
+        agent.proxy_url,
+        "--cacert",
+        str(tls_material.ca_path),
+        tls_origin.url("/echo/fast", "localhost"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert b'"/echo/fast"' in result.stdout
+
+
+def test_a_plain_request_rides_behind_the_open_and_a_failed_dial_is_still_a_502(
+    agent: RunningAgent, http_origin: OriginServer
+) -> None:
+    """0-RTT: the request leaves with the OPEN; a refused dial reaches the client as the same 502."""
+    ok = curl_via("--proxy", agent.proxy_url, http_origin.url("/echo/zero"))
+    assert ok.returncode == 0 and b'"/echo/zero"' in ok.stdout
+    refused = curl_via("--proxy", agent.proxy_url, "--include", f"http://127.0.0.1:{closed_port()}/")
+    assert refused.stdout.startswith(b"HTTP/1.1 502 ") and b"(refused)" in refused.stdout

@@ -394,3 +394,32 @@ def test_the_listener_survives_accept_failures_and_keeps_serving(pki: Pki, tmp_p
         if thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
+
+
+def test_data_sent_with_the_open_waits_at_the_server_until_its_dial_completes(
+    server_factory: ServerFactory, pki: Pki
+) -> None:
+    """0-RTT: OPEN, DATA and FIN leave in one write; the target gets the bytes once it is connected."""
+    server = server_factory()
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(1)
+    tunnel = RawTunnel(pki, server.port)
+    try:
+        sid = tunnel.conn.open_stream("127.0.0.1", target.getsockname()[1])
+        assert tunnel.conn.send_data(sid, b"GET /early HTTP/1.0\r\n\r\n") == 23
+        tunnel.conn.end_stream(sid)
+        frames = bytes(tunnel.conn.data_to_send())
+        assert frames.count(HEADER.pack(FrameType.FIN, 0, sid, 0)) == 1
+        tunnel.sock.sendall(frames)  # one write: nothing waits for OPEN_OK
+        peer, _ = target.accept()
+        peer.settimeout(IO_TIMEOUT)
+        received = b""
+        while chunk := peer.recv(100):  # the FIN arrives after the data
+            received += chunk
+        assert received == b"GET /early HTTP/1.0\r\n\r\n"
+        peer.close()
+        tunnel.wait_for(StreamOpened)
+    finally:
+        tunnel.close()
+        target.close()
