@@ -74,15 +74,21 @@ def test_fluidity_help_is_the_same_for_a_pip_install_and_the_bundle(tmp_path: Pa
     assert agent.stdout.strip() == "fluidity-agent 0.1.0"
 
 
-def seeded_usage(home: Path) -> None:
-    """An hour of server time and 1.2 GB down, recorded earlier today."""
+def seeded_usage(home: Path) -> str:
+    """Up to an hour of server time and 1.2 GB down, recorded earlier today; the month's cost.
+
+    Just after midnight there is less than an hour of today behind us, so the cost is
+    worked out from what was really recorded.
+    """
     store = UsageStore(home / "data" / "fluidity" / "usage.json")
     now = time.time()
     start = max(now - 3600, time.mktime(time.localtime(now)[:3] + (0, 0, 0, 0, 0, -1)))
+    seconds = min(3600, now - start)
     store.server_woken(start)
-    store.server_stopped("stopped by Fluidity", start + min(3600, now - start))
+    store.server_stopped("stopped by Fluidity", start + seconds)
     store.record_bytes(40_000_000, 1_200_000_000, "video.example")
     assert store.save()
+    return f"${max(seconds, 60) / 3600 * 0.0173 + 1.24 * 0.09:.2f}"
 
 
 def test_fluidity_usage_prints_the_month(tmp_path: Path) -> None:
@@ -122,7 +128,7 @@ def test_missing_certificates_name_the_path_and_the_fixing_commands(tmp_path: Pa
 
 
 def test_the_agent_refuses_to_wake_a_server_over_budget(pki: Pki, tmp_path: Path) -> None:
-    seeded_usage(tmp_path)  # ≈ $0.13 this month
+    cost = seeded_usage(tmp_path)  # ≈ $0.13 this month, later than 1 am
     config = tmp_path / "agent.yaml"
     config.write_text(
         "lifecycle: lambda\n"
@@ -138,7 +144,7 @@ def test_the_agent_refuses_to_wake_a_server_over_budget(pki: Pki, tmp_path: Path
     assert refused.stderr.strip().endswith(
         f"To go on, raise monthly_budget in {config} or run with --monthly-budget USD (0 = no budget)."
     )
-    assert "Not connecting: this month's budget is used up (≈ $0.13 of $0.05)" in refused.stderr
+    assert f"Not connecting: this month's budget is used up (≈ {cost} of $0.05)" in refused.stderr
     assert "control plane" not in refused.stderr  # nothing was asked of it
 
     # Raised for this run: it goes ahead (and fails on the unreachable control plane, once).
