@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from server.errors import FluidityError
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -63,7 +65,7 @@ class PatternKind(enum.StrEnum):
     LOCAL = "local"  # <local>
 
 
-class BypassRuleError(ValueError):
+class BypassRuleError(FluidityError, ValueError):
     """A bypass pattern that cannot be understood; the message says how to write it."""
 
     def __init__(self, pattern: str, detail: str) -> None:

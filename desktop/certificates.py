@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.config_loader import default_cert_dir, program_parser
+from server.errors import FluidityError
 from server.tls import key_file_problem
 
 CA_CERT = "ca.crt"
@@ -84,7 +85,7 @@ _SIGNING_KEY_TYPES = (
 )
 
 
-class CertificateError(Exception):
+class CertificateError(FluidityError):
     """A certificate task cannot be done; the message is one line a user can act on."""
 
 

@@ -139,7 +139,13 @@ class AgentConfig(Settings):
         AGENT_INITIAL_WINDOW,
         minimum=MIN_PAYLOAD_LIMIT,
         maximum=MAX_WINDOW,
-        help="bytes the server may send on a stream before it must wait for a window update",
+        help="largest window: bytes the server may send on a stream before it must wait for a window update",
+    )
+    window_tuning: bool = setting(
+        True,
+        help="size each stream's receive window to the measured bandwidth-delay product "
+        "(from 256 KiB up to initial_window), so a download does not queue seconds of data "
+        "ahead of other replies; off: every stream gets initial_window",
     )
     connection_window: int = setting(
         DEFAULT_CONNECTION_WINDOW,

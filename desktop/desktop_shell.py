@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from desktop.launch import command_for
+from server.errors import FluidityError
 
 log = logging.getLogger("fluidity.shell")
 
@@ -86,7 +87,7 @@ def open_path(path: Path, *, check_for: float = OPENER_CHECK) -> str | None:
     return f"{name} could not open {path} (exit code {process.returncode}{': ' + detail if detail else ''})"
 
 
-class ToolFailed(Exception):
+class ToolFailed(FluidityError):
     """A command-line tool could not run or exited non-zero; the message names it and says why."""
 
 

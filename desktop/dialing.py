@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from server.stream_api import DIAL_FAILURE_LABELS, ByteStream, DialError, StreamClosedError
+from server.stream_api import ByteStream, DialError, StreamClosedError
 
-__all__ = ["DIAL_FAILURE_LABELS", "ByteStream", "DialError", "Dialer", "StreamClosedError"]
+__all__ = ["ByteStream", "DialError", "Dialer", "StreamClosedError"]
 
 
 class Dialer(Protocol):

@@ -33,7 +33,7 @@ class DirectDialer:
         try:
             sock = await dial_target_async(host, port, policy=self.policy, timeout=self.timeout)
         except TargetDialError as error:
-            raise DialError(error.label, error.message) from None
+            raise DialError(error.reason, error.message) from None
         return await SocketStream.connect(sock)
 
 

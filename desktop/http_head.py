@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from server.errors import FluidityError
 from server.framing import MAX_HOST_LENGTH  # hosts travel in a tunnel OPEN frame
 
 DEFAULT_MAX_HEAD_BYTES = 65536
@@ -71,7 +72,7 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 _OWS = " \t"
 
 
-class HttpHeadError(ValueError):
+class HttpHeadError(FluidityError, ValueError):
     """A message head the proxy refuses; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str) -> None:

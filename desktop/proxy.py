@@ -60,6 +60,8 @@ from desktop.pac import PAC_CONTENT_TYPE, PAC_PATH, render_pac
 from desktop.socket_stream import SocketStream
 from desktop.socks import ConnectRequest, ProxyProtocol, Refused, Send, SocksHandshake, detect_protocol
 from desktop.usage import Meter
+from server.errors import FluidityError
+from server.framing import FailReason
 from server.tunnel_session import StreamRelay, TunnelStream
 
 LOGGER_NAME = "fluidity.proxy"
@@ -82,46 +84,38 @@ DEFAULT_MAX_CONNECTIONS = 4096
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-#: Dial failure label -> (HTTP status, RFC 9209 Proxy-Status error type).
-_DIAL_FAILURE_RESPONSES = {
-    "policy": (403, "http_request_denied"),
-    "timeout": (504, "connection_timeout"),
-    "dns": (502, "dns_error"),
-    "refused": (502, "connection_refused"),
-    "unreachable": (502, "destination_unavailable"),
-    "limit": (502, "connection_limit_reached"),
-    "tunnel_down": (502, "proxy_internal_error"),
-    "shutting_down": (502, "destination_unavailable"),
-    "cancelled": (502, "proxy_internal_error"),
-    "internal": (502, "proxy_internal_error"),
-}
-
-_DIAL_FAILURE_TEXT = {
-    "policy": "blocked by the tunnel's egress policy",
-    "timeout": "timed out connecting to",
-    "dns": "cannot resolve",
-    "refused": "connection refused by",
-    "unreachable": "cannot reach",
-    "limit": "too many open connections to reach",
-    "tunnel_down": "the tunnel is down; cannot reach",
-    "shutting_down": "the tunnel server is shutting down; cannot reach",
-    "cancelled": "connection attempt cancelled for",
-    "internal": "tunnel error while connecting to",
+#: Dial failure -> (HTTP status, RFC 9209 Proxy-Status error type, what the error page says).
+#: Every FailReason has a row: the page names the cause, and its label closes the message.
+_DIAL_FAILURES: dict[FailReason, tuple[int, str, str]] = {
+    FailReason.POLICY: (403, "http_request_denied", "blocked by the tunnel's egress policy"),
+    FailReason.TIMEOUT: (504, "connection_timeout", "timed out connecting to"),
+    FailReason.DNS: (502, "dns_error", "cannot resolve"),
+    FailReason.REFUSED: (502, "connection_refused", "connection refused by"),
+    FailReason.UNREACHABLE: (502, "destination_unavailable", "cannot reach"),
+    FailReason.LIMIT: (502, "connection_limit_reached", "too many open connections to reach"),
+    FailReason.TUNNEL_DOWN: (502, "proxy_internal_error", "the tunnel is down; cannot reach"),
+    FailReason.SHUTTING_DOWN: (
+        502,
+        "destination_unavailable",
+        "the tunnel server is shutting down; cannot reach",
+    ),
+    FailReason.CANCELLED: (502, "proxy_internal_error", "connection attempt cancelled for"),
+    FailReason.INTERNAL: (502, "proxy_internal_error", "tunnel error while connecting to"),
 }
 
 
-class ProxyBindError(OSError):
+class ProxyBindError(FluidityError, OSError):
     """The proxy could not listen on its address (typically: the port is in use)."""
 
 
 def dial_failure_response(error: DialError, target: ProxyTarget) -> tuple[int, str, str]:
     """(status, message, Proxy-Status error type) for a failed dial."""
-    status, proxy_status = _DIAL_FAILURE_RESPONSES.get(error.reason, (502, "proxy_internal_error"))
-    if error.reason == "policy":
-        message = f"{target.display} is {_DIAL_FAILURE_TEXT['policy']}: {error.message}"
+    status, proxy_status, text = _DIAL_FAILURES[error.reason]
+    if error.reason is FailReason.POLICY:
+        message = f"{target.display} is {text}: {error.message}"
     else:
-        message = f"{_DIAL_FAILURE_TEXT.get(error.reason, 'cannot reach')} {target.display}: {error.message}"
-    return status, f"{message} ({error.reason})", proxy_status
+        message = f"{text} {target.display}: {error.message}"
+    return status, f"{message} ({error.reason.label})", proxy_status
 
 
 @dataclass(frozen=True)
@@ -239,7 +233,7 @@ class ClientExchange:
         try:
             stream = await self._dialer.dial(target.host, target.port)
         except (OSError, StreamClosedError) as error:
-            raise DialError("internal", str(error) or type(error).__name__) from None
+            raise DialError(FailReason.INTERNAL, str(error) or type(error).__name__) from None
         finally:
             self._waiting_upstream = False
         if self._closed:
@@ -365,7 +359,7 @@ class ClientExchange:
                 request.version,
                 target.display,
                 reply.label,
-                error.reason,
+                error.reason.label,
                 error.message,
             )
             await self._send_to_client(answer)
@@ -511,7 +505,7 @@ class ClientExchange:
                 self._drop_upstream()
                 status, message, proxy_status = dial_failure_response(error, target)
                 raise _RequestRejected(
-                    status, message, proxy_status, f"dial failed: {error.reason}"
+                    status, message, proxy_status, f"dial failed: {error.reason.label}"
                 ) from None
             except _UpstreamLost as lost:
                 self._drop_upstream()
@@ -541,7 +535,9 @@ class ClientExchange:
             stream = await self._dial(target)
         except DialError as error:
             status, message, proxy_status = dial_failure_response(error, target)
-            raise _RequestRejected(status, message, proxy_status, f"dial failed: {error.reason}") from None
+            raise _RequestRejected(
+                status, message, proxy_status, f"dial failed: {error.reason.label}"
+            ) from None
         self._upstream = _Upstream(key, stream)
         return self._upstream, False
 
@@ -674,7 +670,9 @@ class ClientExchange:
                 await stream.wait_open()
         except DialError as error:
             status, message, proxy_status = dial_failure_response(error, target)
-            raise _RequestRejected(status, message, proxy_status, f"dial failed: {error.reason}") from None
+            raise _RequestRejected(
+                status, message, proxy_status, f"dial failed: {error.reason.label}"
+            ) from None
         await self._send_to_client(CONNECT_ESTABLISHED)
         await self._relay_raw(stream, b"", target)
 

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from server.framing import FailReason
 from server.stream_api import StreamClosedError
 
 READ_LIMIT = 256 * 1024
@@ -150,7 +151,9 @@ class SocketStream(asyncio.Protocol):
 
     async def sendall(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         if self._closed or self.transport is None or self.transport.is_closing():
-            raise StreamClosedError(f"connection closed: {self._lost or 'by this side'}", "cancelled")
+            raise StreamClosedError(
+                f"connection closed: {self._lost or 'by this side'}", FailReason.CANCELLED
+            )
         self.transport.write(data)
         if not self._write_paused:
             return
@@ -161,7 +164,7 @@ class SocketStream(asyncio.Protocol):
         finally:
             self._drain_waiter = None
         if self._closed:
-            raise StreamClosedError(f"connection closed: {self._lost}", "cancelled")
+            raise StreamClosedError(f"connection closed: {self._lost}", FailReason.CANCELLED)
 
     async def wait_open(self) -> None:
         """A direct connection is open once connected."""

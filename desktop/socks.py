@@ -133,26 +133,25 @@ class Refused:
 
 Event = Send | ConnectRequest | Refused
 
-#: Tunnel dial failure labels (``DialError.reason``, ``FailReason.label``) -> SOCKS5 reply.
+#: Tunnel dial failure (``DialError.reason``) -> SOCKS5 reply; UNREACHABLE depends on the address.
 _FAILURE_REPLIES = {
-    FailReason.POLICY.label: Reply.NOT_ALLOWED,
-    FailReason.REFUSED.label: Reply.CONNECTION_REFUSED,
-    FailReason.DNS.label: Reply.HOST_UNREACHABLE,
-    FailReason.TIMEOUT.label: Reply.TTL_EXPIRED,
-    "tunnel_down": Reply.GENERAL_FAILURE,
+    FailReason.POLICY: Reply.NOT_ALLOWED,
+    FailReason.REFUSED: Reply.CONNECTION_REFUSED,
+    FailReason.DNS: Reply.HOST_UNREACHABLE,
+    FailReason.TIMEOUT: Reply.TTL_EXPIRED,
+    FailReason.TUNNEL_DOWN: Reply.GENERAL_FAILURE,
 }
 
 
-def reply_for_failure(reason: FailReason | str, address_type: AddressType = AddressType.DOMAIN) -> Reply:
+def reply_for_failure(reason: FailReason, address_type: AddressType = AddressType.DOMAIN) -> Reply:
     """The SOCKS5 reply for a failed dial, so the client sees the tunnel's real outcome.
 
     ``unreachable`` is "network unreachable" for an IP literal and "host unreachable" for a
     name (whose addresses the server tried); anything without a closer code is a general failure.
     """
-    label = reason.label if isinstance(reason, FailReason) else reason
-    if label == FailReason.UNREACHABLE.label:
+    if reason is FailReason.UNREACHABLE:
         return Reply.HOST_UNREACHABLE if address_type is AddressType.DOMAIN else Reply.NETWORK_UNREACHABLE
-    return _FAILURE_REPLIES.get(label, Reply.GENERAL_FAILURE)
+    return _FAILURE_REPLIES.get(reason, Reply.GENERAL_FAILURE)
 
 
 def socks5_reply(reply: Reply, bound: tuple[str, int] | None = None) -> bytes:
@@ -237,7 +236,7 @@ class SocksHandshake:
             return socks4_reply(Socks4Reply.GRANTED, bound)
         return socks5_reply(Reply.SUCCEEDED, bound)
 
-    def failed(self, reason: FailReason | str) -> tuple[bytes, Reply]:
+    def failed(self, reason: FailReason) -> tuple[bytes, Reply]:
         """The failure reply for the tunnel's reason (write it, then close), and the code chosen."""
         request = self._expect_dialing()
         self.phase = Phase.CLOSED

@@ -32,6 +32,7 @@ from desktop.reload import BACKEND_KEYS, LIVE_KEYS, LOG_KEYS, SettingsReloader
 from desktop.system_proxy.detect import terminal_exports
 from desktop.system_proxy.follower import SystemProxyFollower, os_proxy_host
 from desktop.usage import server_text, traffic_text, usage_lines
+from server.errors import FluidityError
 
 if TYPE_CHECKING:
     from desktop.budget import UsageWatch
@@ -58,7 +59,7 @@ DOCTOR_REPORT = "doctor.txt"
 Diagnoser = Callable[[AgentConfig], "Report"]
 
 
-class TrayUnavailable(Exception):
+class TrayUnavailable(FluidityError):
     """No display or no tray host: the tray cannot be shown on this machine right now."""
 
 

@@ -23,7 +23,8 @@ from desktop.config import AgentConfig
 from desktop.event_loop import LoopThread, shared_loop
 from desktop.lifecycle.base import Endpoint
 from server import __version__
-from server.framing import Role, TunnelConnection
+from server.flow_control import stream_windows
+from server.framing import FailReason, Role, TunnelConnection
 from server.stream_api import DialError
 from server.tls import TlsError, TlsSession, client_context
 from server.tunnel_session import TunnelSession, TunnelStream
@@ -31,6 +32,8 @@ from server.tunnel_session import TunnelSession, TunnelStream
 log = logging.getLogger("fluidity.agent")
 
 INITIAL_BACKOFF = 0.5
+#: Dial failures that mean "this tunnel is going away": the next tunnel may still serve the request.
+_RETRY_ON_ANOTHER_TUNNEL = frozenset({FailReason.TUNNEL_DOWN, FailReason.SHUTTING_DOWN})
 SAME_CA_HINT = (
     "; the agent and the server need certificates from the same CA (`fluidity-certs init` once, "
     "then `fluidity-certs bundle` / `import` for the other side), and server_name must be in the "
@@ -186,7 +189,7 @@ class TunnelClient:
             except DialError as exc:
                 # The tunnel died or was told to go away between our check and the OPEN:
                 # try the next one while the request's waiting budget lasts.
-                if exc.reason not in ("tunnel_down", "shutting_down") or loop.time() >= deadline:
+                if exc.reason not in _RETRY_ON_ANOTHER_TUNNEL or loop.time() >= deadline:
                     raise
 
     async def _usable_session(self, deadline: float, wait: float) -> TunnelSession:
@@ -196,13 +199,15 @@ class TunnelClient:
             if session is not None and session.accepting_streams:
                 return session
             if self._stopped.is_set():
-                raise DialError("tunnel_down", "the agent is stopping")
+                raise DialError(FailReason.TUNNEL_DOWN, "the agent is stopping")
             if self._permanent is not None:
-                raise DialError("tunnel_down", self._permanent)
+                raise DialError(FailReason.TUNNEL_DOWN, self._permanent)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 why = self._last_error or "not connected yet"
-                raise DialError("tunnel_down", f"tunnel to the server is down ({why}); waited {wait:g} s")
+                raise DialError(
+                    FailReason.TUNNEL_DOWN, f"tunnel to the server is down ({why}); waited {wait:g} s"
+                )
             self._usable.clear()
             try:
                 async with asyncio.timeout(min(remaining, 0.25)):
@@ -310,11 +315,12 @@ class TunnelClient:
     async def _connect(self, endpoint: Endpoint) -> TunnelSession:
         loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout
+        window, tuner = stream_windows(self.config.initial_window, tuning=self.config.window_tuning)
         conn = TunnelConnection(
             Role.AGENT,
             f"fluidity-agent/{__version__}",
             max_payload=self.config.max_payload,
-            initial_window=self.config.initial_window,
+            initial_window=window,
             connection_window=self.config.connection_window,
         )
         ready = loop.create_future()
@@ -339,6 +345,7 @@ class TunnelClient:
             handshake_timeout=timeout,
             dead_after=self.config.keepalive_timeout,
             keepalive_interval=self.config.keepalive_interval,
+            window_tuner=tuner,
             on_ready=on_ready,
             on_closed=on_closed,
         )

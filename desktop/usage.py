@@ -19,6 +19,7 @@ program was closed, counts up to the last moment it was seen running.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -73,7 +74,13 @@ def default_usage_path() -> Path:
 
 def day_key(moment: float) -> str:
     """Local calendar day of an epoch time, e.g. "2026-06-14"."""
-    return time.strftime("%Y-%m-%d", time.localtime(moment))
+    return _day_of_second(int(moment))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_of_second(second: int) -> str:
+    """The proxy counts every read: format the day once per second, not once per call."""
+    return time.strftime("%Y-%m-%d", time.localtime(second))
 
 
 def month_key(moment: float) -> str:

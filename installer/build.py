@@ -33,13 +33,14 @@ from icon_files import prepare_icons  # noqa: E402
 from linux_packages import DEFAULT_MAINTAINER, PackagingError  # noqa: E402
 
 from server import __version__  # noqa: E402
+from server.errors import FluidityError  # noqa: E402
 
 SPEC = INSTALLER_DIR / "fluidity.spec"
 #: The built program must answer --version within this long (a hang guard).
 SMOKE_TIMEOUT = 60.0
 
 
-class BuildError(Exception):
+class BuildError(FluidityError):
     """The build cannot go on; the message says what to fix."""
 
 

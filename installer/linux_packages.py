@@ -21,6 +21,7 @@ from pathlib import Path
 from bundle_contents import APP_NAME, EXECUTABLE, PROGRAM_COMMANDS, SUMMARY
 
 from desktop.icons import SIZES, app_asset_name
+from server.errors import FluidityError
 
 INSTALL_DIR = "/opt/fluidity"
 DEFAULT_MAINTAINER = "Fluidity maintainers <maintainers@fluidity.invalid>"
@@ -54,7 +55,7 @@ exit 0
 """
 
 
-class PackagingError(Exception):
+class PackagingError(FluidityError):
     """A package cannot be built; the message says what is missing."""
 
 

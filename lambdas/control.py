@@ -4,8 +4,8 @@ Plain functions over boto3 clients, so they run the same inside Lambda, behind t
 gateway and in tests. Every AWS failure leaves here as a ``ControlPlaneFailure`` that
 carries a reply the user can act on (which name is wrong, which permission is missing).
 
-Only the standard library, boto3 and ``server.framing`` may be imported: the Lambda
-bundle carries nothing else.
+Only the standard library, boto3 and the ``server`` modules the Lambda bundle ships
+(``lambdas/packaging.py`` SERVER_MODULES) may be imported: the bundle carries nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from server.durations import parse_duration
+from server.errors import FluidityError
 from server.framing import (
     DEFAULT_CLUSTER_NAME,
     DEFAULT_SERVICE_NAME,
@@ -43,8 +45,6 @@ TRANSITION_RETRY_AFTER = 5
 THROTTLED_RETRY_AFTER = 5
 DEFAULT_IDLE_THRESHOLD = 600.0
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _PERMISSION = re.compile(r"not authorized to perform:?\s*([A-Za-z0-9-]+:[A-Za-z0-9*]+)")
 _ACCESS_DENIED_CODES = frozenset(
     {"AccessDeniedException", "AccessDenied", "UnauthorizedOperation", "UnauthorizedAccess"}
@@ -75,11 +75,11 @@ _THROTTLING_CODES = frozenset(
 STARTING_TASK_STATES = frozenset({"PROVISIONING", "PENDING", "ACTIVATING"})
 
 
-class ConfigError(ValueError):
+class ConfigError(FluidityError, ValueError):
     """The Lambda's environment variables are malformed."""
 
 
-class ControlPlaneFailure(Exception):
+class ControlPlaneFailure(FluidityError):
     """An operation failed in a way the caller should see as a ``ControlPlaneError`` reply."""
 
     def __init__(self, error: ControlPlaneError) -> None:
@@ -101,9 +101,12 @@ class ControlConfig:
     def from_env(cls, env: Mapping[str, str]) -> ControlConfig:
         """Read CLUSTER_NAME, SERVICE_NAME, IDLE_THRESHOLD, TUNNEL_PORT and METRICS_NAMESPACE."""
         threshold_text = env.get("IDLE_THRESHOLD", "").strip()
-        threshold = (
-            parse_duration(threshold_text, "IDLE_THRESHOLD") if threshold_text else DEFAULT_IDLE_THRESHOLD
-        )
+        try:
+            threshold = parse_duration(threshold_text) if threshold_text else DEFAULT_IDLE_THRESHOLD
+        except ValueError:
+            raise ConfigError(
+                f"IDLE_THRESHOLD must be a duration like 10m, 600s or 600, got {threshold_text!r}"
+            ) from None
         if threshold <= 0:
             raise ConfigError(f"IDLE_THRESHOLD must be longer than zero, got {threshold_text!r}")
         port_text = env.get("TUNNEL_PORT", "").strip()
@@ -120,14 +123,6 @@ class ControlConfig:
             tunnel_port=port,
             metrics_namespace=env.get("METRICS_NAMESPACE", "").strip() or METRICS_NAMESPACE,
         )
-
-
-def parse_duration(text: str, name: str = "duration") -> float:
-    """Seconds in "10m", "600s", "600", "1h" or "500ms" (the Lambda bundle cannot use the server's parser)."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise ConfigError(f"{name} must be a duration like 10m, 600s or 600, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 # --------------------------------------------------------------------------- AWS errors

@@ -33,8 +33,10 @@ from typing import Any, TextIO
 import boto3
 import botocore.exceptions
 
-from lambdas.control import ConfigError, ControlConfig, ControlPlaneFailure, parse_duration, server_status
+from lambdas.control import ControlConfig, ControlPlaneFailure, server_status
 from lambdas.packaging import LambdaBundle, PackagingError, build_bundle
+from server.durations import parse_duration
+from server.errors import FluidityError
 
 FARGATE_STACK = "fluidity-fargate"
 LAMBDA_STACK = "fluidity-lambda"
@@ -61,7 +63,7 @@ Client = Any
 Sleep = Callable[[float], None]
 
 
-class DeployError(Exception):
+class DeployError(FluidityError):
     """Something the user must fix; the message says what and how."""
 
 
@@ -706,15 +708,22 @@ def ipv4_cidr(text: str) -> str:
     return text
 
 
+#: What the template's IdleThreshold parameter takes (one number, an optional unit), written
+#: with the spaces and capitals people type: "10 M" is passed on as "10m".
+IDLE_THRESHOLD_INPUT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
+
+
 def idle_threshold(text: str) -> str:
-    """argparse type: a duration the Sleep Lambda understands (10m, 600s, 1h)."""
-    try:
-        seconds = parse_duration(text, "--idle-threshold")
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if seconds <= 0:
+    """argparse type: a duration the Sleep Lambda understands (10m, 600s, 1h), as the template writes it."""
+    match = IDLE_THRESHOLD_INPUT.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"--idle-threshold must be a duration like 10m, 600s or 600, got {text!r}"
+        )
+    normalised = match.group(1) + (match.group(2) or "").lower()  # "10 m" -> "10m", the template's pattern
+    if parse_duration(normalised) <= 0:
         raise argparse.ArgumentTypeError(f"--idle-threshold must be longer than zero, got {text!r}")
-    return "".join(text.split()).lower()  # "10 m" -> "10m", the template's pattern
+    return normalised
 
 
 #: S3's rules for a bucket name (3-63 lower-case letters, digits, dots, hyphens), as the template checks.

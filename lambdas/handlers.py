@@ -18,9 +18,7 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -35,7 +33,9 @@ from lambdas.control import (
     wake,
 )
 from lambdas.sleep_policy import run_sleep
+from server.errors import FluidityError
 from server.framing import ControlPlaneError, ServerStatus
+from server.json_logging import JsonFormatter
 
 log = logging.getLogger("fluidity.control")
 
@@ -70,38 +70,6 @@ _CLIENT_ENV = (
 # --------------------------------------------------------------------------- logging
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line, with the same fields as the server's logs.
-
-    time, level, logger, message, the record's ``extra`` fields, and error + traceback for
-    exceptions. The Lambda bundle carries only this package and ``server.framing``, so the
-    control plane cannot use ``server.json_logging`` and has this small copy.
-    """
-
-    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-        "message",
-        "asctime",
-        "taskName",
-    }
-
-    def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.fromtimestamp(record.created, UTC)
-        entry: dict[str, Any] = {
-            "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in self._STANDARD and not key.startswith("_"):
-                entry[key if key not in entry else f"extra_{key}"] = value
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            entry["error"] = f"{type(error).__name__}: {error}"
-            entry["traceback"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        return json.dumps(entry, default=str)
-
-
 class _StdoutHandler(logging.Handler):
     """Writes to whatever ``sys.stdout`` is at the time (Lambda ships stdout lines to CloudWatch Logs)."""
 
@@ -115,10 +83,14 @@ class _StdoutHandler(logging.Handler):
 
 
 def configure_logging(env: Mapping[str, str]) -> None:
-    """Give the control-plane logger its JSON stdout handler once; LOG_LEVEL sets the level."""
+    """Give the control-plane logger its JSON stdout handler once; LOG_LEVEL sets the level.
+
+    The lines have the server's fields (``server.json_logging``, shipped in the bundle), with
+    the traceback always included: a Lambda's log is the only place a crash can be read.
+    """
     if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
         handler = _StdoutHandler()
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonFormatter(include_traceback=True))
         log.addHandler(handler)
         log.propagate = False
     level = env.get("LOG_LEVEL", "INFO").strip().upper()
@@ -340,7 +312,7 @@ def kill_handler(event: Any, context: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- Sleep
 
 
-class SleepFailed(RuntimeError):
+class SleepFailed(FluidityError, RuntimeError):
     """The scheduled Sleep run could not decide or act; raised so the Lambda counts an error."""
 
 

@@ -12,19 +12,29 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.errors import FluidityError
+
 #: Timestamp written for every entry (the earliest a zip can hold), so builds do not depend on mtimes.
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 #: rw-r--r-- regular file; Lambda only needs to read the code.
 FILE_MODE = 0o100644
-#: The shared protocol module the handlers use for their replies; the rest of ``server`` is not needed.
-SERVER_MODULES = ("server/__init__.py", "server/framing.py")
+#: The stdlib-only ``server`` modules the handlers import: the shared protocol (replies, metric
+#: names), the one duration parser, the one JSON log formatter and the exception root they
+#: need. The rest of ``server`` is not needed (and pulls in third-party packages).
+SERVER_MODULES = (
+    "server/__init__.py",
+    "server/durations.py",
+    "server/errors.py",
+    "server/framing.py",
+    "server/json_logging.py",
+)
 #: Modules of ``lambdas`` that run on a deployer's or developer's machine, never inside a Lambda:
 #: the deploy tool, this packager and the local API gateway (a listening HTTP server that has
 #: no business in a function behind the real API Gateway).
 DEPLOY_TOOLING = frozenset({"deploy.py", "packaging.py", "local_gateway.py"})
 
 
-class PackagingError(Exception):
+class PackagingError(FluidityError):
     """The source tree does not hold the files the Lambda bundle needs."""
 
 
@@ -48,7 +58,7 @@ def project_root() -> Path:
 
 
 def bundle_members(root: Path) -> list[str]:
-    """Archive names, sorted: ``lambdas/*.py`` (minus DEPLOY_TOOLING) and two ``server`` modules."""
+    """Archive names, sorted: ``lambdas/*.py`` (minus DEPLOY_TOOLING) and the SERVER_MODULES."""
     lambdas_dir = root / "lambdas"
     if not (lambdas_dir / "handlers.py").is_file():
         raise PackagingError(f"{lambdas_dir / 'handlers.py'} is missing: nothing to deploy as the Lambdas")

@@ -9,6 +9,7 @@ it could report. ``decide`` is pure; ``run_sleep`` gathers its inputs and acts o
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,7 @@ from lambdas.control import (
 from server.framing import (
     METRIC_ACTIVE_CONNECTIONS,
     METRIC_LAST_ACTIVITY,
-    SleepAction,
-    SleepDecision,
+    ControlPlaneFormatError,
     metric_dimensions,
 )
 
@@ -36,6 +36,106 @@ from server.framing import (
 MIN_LOOKBACK = 300.0
 #: GetMetricStatistics returns at most 1440 datapoints per call.
 _MAX_DATAPOINTS = 1440
+
+
+class SleepAction(enum.StrEnum):
+    """What one Sleep run did (or found): the ``action`` field of its decision."""
+
+    SCALE_DOWN = "scale_down"
+    KEEP_RUNNING = "keep_running"
+    ALREADY_STOPPED = "already_stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class SleepDecision:
+    """What one scheduled Sleep run decided, with the numbers behind it (logged and returned)."""
+
+    action: SleepAction
+    reason: str
+    checked_at: float  # epoch seconds
+    idle_threshold: float  # seconds
+    desired_count: int
+    running_count: int
+    pending_count: int
+    running_since: float | None = None  # epoch seconds; newest task start or deployment update
+    active_connections: float | None = None  # highest ActiveConnections in the window; None = no data
+    last_activity: float | None = None  # newest LastActivityTimestamp value in the window
+    idle_seconds: float | None = None
+    datapoints: int = 0
+
+    @property
+    def scale_down(self) -> bool:
+        return self.action is SleepAction.SCALE_DOWN
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "reason": self.reason,
+            "checked_at": self.checked_at,
+            "idle_threshold": self.idle_threshold,
+            "desired_count": self.desired_count,
+            "running_count": self.running_count,
+            "pending_count": self.pending_count,
+            "running_since": self.running_since,
+            "active_connections": self.active_connections,
+            "last_activity": self.last_activity,
+            "idle_seconds": self.idle_seconds,
+            "datapoints": self.datapoints,
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> SleepDecision:
+        if not isinstance(body, dict):
+            raise ControlPlaneFormatError("sleep decision is not a JSON object")
+        try:
+            action = SleepAction(body["action"])
+        except (KeyError, ValueError):
+            raise ControlPlaneFormatError(f"bad sleep decision action {body.get('action')!r}") from None
+        counts: list[int] = []
+        for key in ("desired_count", "running_count", "pending_count", "datapoints"):
+            value = body.get(key, 0)
+            if not _is_count(value):
+                raise ControlPlaneFormatError(f"sleep decision field {key} is not a count: {value!r}")
+            counts.append(value)
+        numbers: list[float | None] = []
+        for key in _SLEEP_NUMBERS:
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ControlPlaneFormatError(f"sleep decision field {key} is not a number: {value!r}")
+            numbers.append(None if value is None else float(value))
+        checked_at, threshold, running_since, connections, last_activity, idle = numbers
+        if checked_at is None or threshold is None:
+            raise ControlPlaneFormatError("sleep decision lacks checked_at or idle_threshold")
+        reason = body.get("reason", "")
+        return cls(
+            action,
+            reason if isinstance(reason, str) else str(reason),
+            checked_at,
+            threshold,
+            counts[0],
+            counts[1],
+            counts[2],
+            running_since,
+            connections,
+            last_activity,
+            idle,
+            counts[3],
+        )
+
+
+_SLEEP_NUMBERS = (
+    "checked_at",
+    "idle_threshold",
+    "running_since",
+    "active_connections",
+    "last_activity",
+    "idle_seconds",
+)
+
+
+def _is_count(value: object) -> bool:
+    """A JSON count: an int (not a bool) in 0..1,000,000."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

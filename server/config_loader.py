@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
+import functools
 import ipaddress
 import logging
 import math
@@ -22,10 +22,15 @@ import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import platformdirs
-import yaml
+
+from server.durations import format_duration, parse_duration
+from server.errors import FluidityError
+
+if TYPE_CHECKING:
+    import yaml
 
 APP_NAME = "fluidity"
 ENV_PREFIX = "FLUIDITY_"
@@ -42,7 +47,7 @@ def default_cert_dir() -> Path:
     return platformdirs.user_data_path(APP_NAME, appauthor=False) / "certs"
 
 
-class ConfigError(Exception):
+class ConfigError(FluidityError):
     """A setting is missing, unknown or malformed; the message names the source and the key."""
 
     def __init__(self, source: str, key: str | None, detail: str) -> None:
@@ -52,7 +57,7 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key}: {detail}" if key else f"{source}: {detail}")
 
 
-class FieldError(ValueError):
+class FieldError(FluidityError, ValueError):
     """Raised by a settings class when one field's value is unacceptable.
 
     The loader turns it into a ConfigError naming where that key's value came from.
@@ -62,63 +67,6 @@ class FieldError(ValueError):
         super().__init__(f"{key}: {detail}")
         self.key = key
         self.detail = detail
-
-
-# --------------------------------------------------------------------------- durations
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-_DURATION_HINT = 'expected a duration like "90s", "10m", "1h", "250ms", "1m30s" or a number of seconds'
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Seconds in ``text`` ("90s", "10m", "1h", "250ms", "1m30s" or a bare number of seconds).
-
-    Raises ValueError for negative, non-finite or unparseable input.
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"{_DURATION_HINT}, got {text!r}")
-    if isinstance(text, int | float):
-        if not math.isfinite(text) or text < 0:
-            raise ValueError(f"{_DURATION_HINT}, got {text!r}")
-        return float(text)
-    if not isinstance(text, str):
-        raise ValueError(f"{_DURATION_HINT}, got {text!r}")
-    stripped = text.strip()
-    if _BARE_NUMBER.fullmatch(stripped):
-        return float(stripped)
-    total = 0.0
-    position = 0
-    for match in _DURATION_PART.finditer(stripped):
-        if match.start() != position:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    if position == 0 or position != len(stripped):
-        raise ValueError(f"{_DURATION_HINT}, got {text!r}")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest text parse_duration reads back as ``seconds`` (to the millisecond)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"a duration must be a finite number >= 0, got {seconds!r}")
-    millis = round(seconds * 1000)
-    if millis == 0:
-        return "0s"
-    if millis < 1000:
-        return f"{millis}ms"
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    parts = []
-    if hours:
-        parts.append(f"{hours}h")
-    if minutes:
-        parts.append(f"{minutes}m")
-    if rest:
-        parts.append(f"{rest // 1000}s" if rest % 1000 == 0 else f"{rest / 1000:g}s")
-    return "".join(parts)
 
 
 # --------------------------------------------------------------------------- declaring settings
@@ -491,23 +439,31 @@ def _parse(spec: FieldSpec, raw: object, origin: _Origin) -> object:
 # --------------------------------------------------------------------------- files
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice instead of silently keeping the last one."""
+@functools.cache
+def _strict_loader() -> type[yaml.SafeLoader]:
+    """A SafeLoader that rejects a key given twice instead of silently keeping the last one.
 
+    Built on first use: PyYAML is imported only when a settings file is read (the agent's
+    idle memory is part of what it costs to leave running).
+    """
+    import yaml
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
-        if isinstance(key, typing.Hashable) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"setting {key!r} is given more than once", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
+    class StrictLoader(yaml.SafeLoader):
+        pass
 
+    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} is given more than once", key_node.start_mark
+                )
+            seen.add(key)
+        return loader.construct_mapping(node)
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
 
 
 def read_settings_file(path: Path) -> dict[str, object]:
@@ -523,8 +479,10 @@ def read_settings_file(path: Path) -> dict[str, object]:
         raise ConfigError(label, None, "is not UTF-8 text") from None
     except OSError as error:
         raise ConfigError(label, None, f"cannot be read: {error.strerror or error}") from None
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+        data = yaml.load(text, Loader=_strict_loader())  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -543,6 +501,8 @@ def read_settings_file(path: Path) -> dict[str, object]:
 
 
 def _unknown(spec_names: list[str], key: str) -> str:
+    import difflib  # only for a mistyped key
+
     close = difflib.get_close_matches(key, spec_names, n=1)
     return f"unknown setting; did you mean {close[0]}?" if close else "unknown setting"
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from server.config import ServerConfig
+from server.errors import FluidityError
 
 #: Environment variable -> (config attribute, file mode).
 PEM_SECRETS = {
@@ -21,7 +22,7 @@ PEM_SECRETS = {
 }
 
 
-class SecretError(Exception):
+class SecretError(FluidityError):
     """A secret variable is set but unusable; the message names the variable."""
 
 

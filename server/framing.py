@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.errors import FluidityError
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
@@ -64,8 +66,18 @@ CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, 
 EITHER_LEVEL_FRAMES = frozenset({FrameType.WINDOW})
 
 
+#: The largest reason code OPEN_FAIL and RESET can carry (one byte on the wire).
+MAX_WIRE_REASON = 0xFF
+
+
 class FailReason(enum.IntEnum):
-    """Why a stream could not be opened or was reset; ``.label`` is the machine-readable name."""
+    """Why a stream could not be opened or was reset; ``.label`` is the machine-readable name.
+
+    One enum for every failure a stream can report, wherever it happened, so the proxy and
+    the SOCKS handshake key their answers on it. Codes up to MAX_WIRE_REASON are wire
+    codes; the codes above it are the agent's own findings (no server sent them) and can
+    never be encoded: the encoder refuses them, and a one-byte decoder cannot produce them.
+    """
 
     DNS = 1
     REFUSED = 2
@@ -76,10 +88,18 @@ class FailReason(enum.IntEnum):
     SHUTTING_DOWN = 7
     INTERNAL = 8
     CANCELLED = 9
+    #: Agent side only: there is no usable tunnel to send the OPEN on. Never on the wire.
+    TUNNEL_DOWN = 0x100
 
     @property
     def label(self) -> str:
+        """The name logs, error pages and SOCKS diagnostics show, e.g. ``shutting_down``."""
         return self.name.lower()
+
+    @property
+    def on_wire(self) -> bool:
+        """True for the codes a peer may send: the only ones OPEN_FAIL and RESET can carry."""
+        return self.value <= MAX_WIRE_REASON
 
 
 class GoAwayReason(enum.IntEnum):
@@ -96,7 +116,7 @@ class GoAwayReason(enum.IntEnum):
         return self.name.lower()
 
 
-class ProtocolError(Exception):
+class ProtocolError(FluidityError):
     """The one error a peer's bytes can raise; the I/O layer answers it with GOAWAY and closes."""
 
     def __init__(self, message: str, reason: GoAwayReason = GoAwayReason.PROTOCOL_ERROR) -> None:
@@ -105,7 +125,7 @@ class ProtocolError(Exception):
         self.message = message
 
 
-class UsageError(Exception):
+class UsageError(FluidityError):
     """Raised when the local program misuses the state machine (a bug here, not the peer's fault)."""
 
 
@@ -118,10 +138,6 @@ class Frame:
     stream_id: int
     payload: bytes = b""
     flags: int = 0
-
-
-def encode_frame(frame: Frame) -> bytes:
-    return HEADER.pack(frame.type, frame.flags, frame.stream_id, len(frame.payload)) + frame.payload
 
 
 class FrameDecoder:
@@ -267,14 +283,17 @@ def _is_clean_host(host: str) -> bool:
     return host.isprintable() and not any(c.isspace() for c in host)
 
 
-def _encode_reason(reason: int, message: str) -> bytes:
+def _encode_reason(reason: FailReason, message: str) -> bytes:
+    """An OPEN_FAIL or RESET payload; an agent-side reason (not ``on_wire``) is a caller bug."""
+    if not reason.on_wire:
+        raise UsageError(f"fail reason {reason.label} is the agent's own and never goes on the wire")
     return _REASON.pack(reason) + message.encode("utf-8", "replace")[:MAX_MESSAGE_LENGTH]
 
 
 def _decode_reason(payload: bytes, what: str) -> tuple[FailReason, str]:
     if not payload or len(payload) > 1 + MAX_MESSAGE_LENGTH:
         raise ProtocolError(f"{what} payload has a bad length")
-    try:
+    try:  # one byte: only wire codes (<= MAX_WIRE_REASON) can come out of it
         reason = FailReason(payload[0])
     except ValueError:
         raise ProtocolError(f"{what} has unknown reason {payload[0]}") from None
@@ -412,6 +431,7 @@ class _Stream:
     state: StreamState
     send_credit: int
     recv_remaining: int  # bytes the peer may still send before we grant more
+    window: int  # credit granted in all: recv_remaining + unread + unacked (negative unacked: a shrink)
     unacked: int = 0  # bytes consumed locally but not yet returned to the peer as credit
     local_fin: bool = False
     remote_fin: bool = False
@@ -439,6 +459,7 @@ class TunnelConnection:
     _conn_send_credit: int = 0  # connection-level DATA bytes we may still send
     _conn_recv_remaining: int = 0  # connection-level DATA bytes the peer may still send
     _conn_unacked: int = 0
+    _stream_window: int = 0  # 0: initial_window (see set_stream_window)
     _streams: dict[int, _Stream] = field(default_factory=dict)
     _decoder: FrameDecoder | None = None
     _next_stream_id: int = 1
@@ -561,7 +582,7 @@ class TunnelConnection:
         self._next_stream_id += 2
         assert self.peer_hello is not None
         self._streams[stream_id] = _Stream(
-            StreamState.OPENING, self.peer_hello.initial_window, self.initial_window
+            StreamState.OPENING, self.peer_hello.initial_window, self.initial_window, self.initial_window
         )
         self._emit(FrameType.OPEN, stream_id, payload)
         return stream_id
@@ -577,8 +598,9 @@ class TunnelConnection:
         stream = self._require(stream_id)
         if self.role is not Role.SERVER or stream.state is not StreamState.OPENING:
             raise UsageError(f"stream {stream_id} is not waiting to be accepted")
+        payload = _encode_reason(reason, message)  # before the stream is forgotten: it may refuse
         del self._streams[stream_id]
-        self._emit(FrameType.OPEN_FAIL, stream_id, _encode_reason(reason, message))
+        self._emit(FrameType.OPEN_FAIL, stream_id, payload)
 
     def send_credit(self, stream_id: int) -> int:
         """How many DATA bytes may be sent on the stream now (0 if closed or blocked)."""
@@ -630,9 +652,9 @@ class TunnelConnection:
         """Abort the stream. What it still had queued never leaves (and costs no link time),
         unless ``discard_queued`` is False: then the RESET follows that data (a target that
         answered and then broke: its answer still counts)."""
+        payload = _encode_reason(reason, message)  # before the stream is forgotten: it may refuse
         if self._streams.pop(stream_id, None) is None:
             return
-        payload = _encode_reason(reason, message)
         queue = self._outgoing.get(stream_id)
         if queue is not None and not discard_queued:
             queue.reset = payload
@@ -661,7 +683,8 @@ class TunnelConnection:
 
         The connection-level credit always comes back, also for a stream that is gone (its
         buffered data was dropped), or the tunnel's window would leak shut. Credit is
-        returned in batches of a quarter window so WINDOW frames stay rare.
+        returned in batches of an eighth of the window so WINDOW frames stay rare; a stream
+        whose window was resized (``set_stream_window``) gets the difference here.
         """
         if consumed <= 0:
             return
@@ -670,10 +693,29 @@ class TunnelConnection:
         if stream is None or stream.remote_fin:
             return
         stream.unacked += consumed
-        if stream.unacked >= max(1, self.initial_window // 4):
+        target = self._stream_window or self.initial_window
+        if target != stream.window:
+            stream.unacked += target - stream.window
+            stream.window = target
+        if stream.unacked >= max(1, stream.window // 8) and stream.state is StreamState.OPEN:
             self._emit(FrameType.WINDOW, stream_id, _U32.pack(stream.unacked))
             stream.recv_remaining += stream.unacked
             stream.unacked = 0
+
+    def set_stream_window(self, size: int) -> None:
+        """Resize every stream's receive window (e.g. to the measured bandwidth-delay product).
+
+        It takes effect as credit is returned: a larger window is granted with the next
+        WINDOW frame, a smaller one by holding back returns, never by taking credit back.
+        """
+        if not 1 <= size <= MAX_WINDOW:
+            raise UsageError(f"stream window {size} out of range")
+        self._stream_window = size
+
+    @property
+    def stream_window(self) -> int:
+        """The receive window streams are sized to now."""
+        return self._stream_window or self.initial_window
 
     def _return_connection_credit(self, consumed: int) -> None:
         self._conn_unacked += consumed
@@ -809,7 +851,9 @@ class TunnelConnection:
         host, port = decode_open(frame.payload)
         self._highest_peer_stream = sid
         assert self.peer_hello is not None
-        self._streams[sid] = _Stream(StreamState.OPENING, self.peer_hello.initial_window, self.initial_window)
+        self._streams[sid] = _Stream(
+            StreamState.OPENING, self.peer_hello.initial_window, self.initial_window, self.initial_window
+        )
         if self.goaway_sent:
             self.reject_stream(sid, FailReason.SHUTTING_DOWN, "server is shutting down")
             return None
@@ -914,7 +958,7 @@ class ServerState(enum.StrEnum):
     STOPPING = "stopping"
 
 
-class ControlPlaneFormatError(ValueError):
+class ControlPlaneFormatError(FluidityError, ValueError):
     """A control-plane reply did not have the documented shape."""
 
 
@@ -1077,96 +1121,3 @@ DEFAULT_SERVICE_NAME = "fluidity-server"
 def metric_dimensions(service_name: str) -> list[dict[str, str]]:
     """The CloudWatch dimensions that tie a datapoint to one ECS service."""
     return [{"Name": METRIC_SERVICE_DIMENSION, "Value": service_name}]
-
-
-class SleepAction(enum.StrEnum):
-    SCALE_DOWN = "scale_down"
-    KEEP_RUNNING = "keep_running"
-    ALREADY_STOPPED = "already_stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class SleepDecision:
-    """What one scheduled Sleep run decided, with the numbers behind it (logged and returned)."""
-
-    action: SleepAction
-    reason: str
-    checked_at: float  # epoch seconds
-    idle_threshold: float  # seconds
-    desired_count: int
-    running_count: int
-    pending_count: int
-    running_since: float | None = None  # epoch seconds; newest task start or deployment update
-    active_connections: float | None = None  # highest ActiveConnections in the window; None = no data
-    last_activity: float | None = None  # newest LastActivityTimestamp value in the window
-    idle_seconds: float | None = None
-    datapoints: int = 0
-
-    @property
-    def scale_down(self) -> bool:
-        return self.action is SleepAction.SCALE_DOWN
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "action": self.action.value,
-            "reason": self.reason,
-            "checked_at": self.checked_at,
-            "idle_threshold": self.idle_threshold,
-            "desired_count": self.desired_count,
-            "running_count": self.running_count,
-            "pending_count": self.pending_count,
-            "running_since": self.running_since,
-            "active_connections": self.active_connections,
-            "last_activity": self.last_activity,
-            "idle_seconds": self.idle_seconds,
-            "datapoints": self.datapoints,
-        }
-
-    @classmethod
-    def from_json(cls, body: object) -> SleepDecision:
-        if not isinstance(body, dict):
-            raise ControlPlaneFormatError("sleep decision is not a JSON object")
-        try:
-            action = SleepAction(body["action"])
-        except (KeyError, ValueError):
-            raise ControlPlaneFormatError(f"bad sleep decision action {body.get('action')!r}") from None
-        counts: list[int] = []
-        for key in ("desired_count", "running_count", "pending_count", "datapoints"):
-            value = body.get(key, 0)
-            if not _is_int_in(value, 0, 1_000_000):
-                raise ControlPlaneFormatError(f"sleep decision field {key} is not a count: {value!r}")
-            counts.append(value)
-        numbers: list[float | None] = []
-        for key in _SLEEP_NUMBERS:
-            value = body.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ControlPlaneFormatError(f"sleep decision field {key} is not a number: {value!r}")
-            numbers.append(None if value is None else float(value))
-        checked_at, threshold, running_since, connections, last_activity, idle = numbers
-        if checked_at is None or threshold is None:
-            raise ControlPlaneFormatError("sleep decision lacks checked_at or idle_threshold")
-        reason = body.get("reason", "")
-        return cls(
-            action,
-            reason if isinstance(reason, str) else str(reason),
-            checked_at,
-            threshold,
-            counts[0],
-            counts[1],
-            counts[2],
-            running_since,
-            connections,
-            last_activity,
-            idle,
-            counts[3],
-        )
-
-
-_SLEEP_NUMBERS = (
-    "checked_at",
-    "idle_threshold",
-    "running_since",
-    "active_connections",
-    "last_activity",
-    "idle_seconds",
-)

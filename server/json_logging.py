@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import logging.handlers
 import math
 import os
 import re
@@ -270,7 +269,9 @@ def configure_logging(
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_kind = "text" if log_format == "text" else "json"
-        rotating = logging.handlers.RotatingFileHandler(
+        from logging.handlers import RotatingFileHandler  # only with a log file: pickle stays out
+
+        rotating = RotatingFileHandler(
             log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
         handlers.append((rotating, formatter_for(file_kind, False)))

@@ -7,36 +7,23 @@ from __future__ import annotations
 
 from typing import Protocol
 
-#: Failure labels a dial can report; the proxy turns them into HTTP statuses.
-DIAL_FAILURE_LABELS = frozenset(
-    {
-        "dns",
-        "refused",
-        "timeout",
-        "unreachable",
-        "policy",
-        "limit",
-        "shutting_down",
-        "internal",
-        "cancelled",
-        "tunnel_down",
-    }
-)
+from server.errors import FluidityError
+from server.framing import FailReason
 
 
-class DialError(Exception):
-    """A stream could not be opened; ``reason`` is one of DIAL_FAILURE_LABELS."""
+class DialError(FluidityError):
+    """A stream could not be opened; ``reason`` says why, and the proxy answers according to it."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason if reason in DIAL_FAILURE_LABELS else "internal"
+    def __init__(self, reason: FailReason, message: str) -> None:
+        super().__init__(f"{reason.label}: {message}")
+        self.reason = reason
         self.message = message
 
 
-class StreamClosedError(ConnectionError):
+class StreamClosedError(FluidityError, ConnectionError):
     """The stream was reset or the link under it died; ``reason`` says why when known."""
 
-    def __init__(self, message: str, reason: str = "internal") -> None:
+    def __init__(self, message: str, reason: FailReason = FailReason.INTERNAL) -> None:
         super().__init__(message)
         self.reason = reason
 

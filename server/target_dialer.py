@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.egress import EgressPolicy
+from server.errors import FluidityError
 from server.framing import FailReason
 
 MAX_HOSTNAME_LENGTH = 253
@@ -30,7 +31,7 @@ _LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 _FAILURE_PRECEDENCE = (FailReason.REFUSED, FailReason.TIMEOUT, FailReason.UNREACHABLE)
 
 
-class TargetDialError(Exception):
+class TargetDialError(FluidityError):
     """The target could not be reached; ``reason`` is what the agent is told in OPEN_FAIL."""
 
     def __init__(self, reason: FailReason, message: str) -> None:

@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from server.errors import FluidityError
+
 READ_CHUNK = 256 * 1024
 
 
-class TlsSetupError(Exception):
+class TlsSetupError(FluidityError):
     """Certificates or keys cannot be used; the one-line message names the file, the cause and the fix."""
 
 
-class TlsError(ConnectionError):
+class TlsError(FluidityError, ConnectionError):
     """The TLS session failed (handshake refused, bad certificate, unexpected close).
 
     ``certificate`` is True when a certificate was refused (by us or by the peer): trying

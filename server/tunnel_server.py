@@ -29,6 +29,7 @@ from pathlib import Path
 from server import __version__
 from server.config import ServerConfig
 from server.egress import EgressPolicy
+from server.flow_control import stream_windows
 from server.framing import FailReason, GoAwayReason, Role, StreamOpenRequested, TunnelConnection
 from server.target_dialer import TargetDialError, dial_target_async
 from server.tls import TlsSession, server_context
@@ -246,13 +247,14 @@ class TunnelServer:
             sock.close()
             return
         sock.setblocking(False)
+        window, tuner = stream_windows(self.config.initial_window, tuning=self.config.window_tuning)
         session = TunnelSession(
             TlsSession(self.context, server_side=True),
             TunnelConnection(
                 Role.SERVER,
                 f"fluidity-server/{__version__}",
                 max_payload=self.config.max_payload,
-                initial_window=self.config.initial_window,
+                initial_window=window,
                 connection_window=self.config.connection_window,
             ),
             name=f"tunnel-{next(self._ids)}",
@@ -261,6 +263,7 @@ class TunnelServer:
             handshake_timeout=self.config.handshake_timeout,
             dead_after=self.config.agent_timeout,
             stream_idle_timeout=self.config.stream_idle_timeout,
+            window_tuner=tuner,
             on_ready=self._on_ready,
             on_open_request=self._on_open_request,
             on_closed=self._on_closed,

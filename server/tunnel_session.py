@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
+from server.flow_control import WindowTuner
 from server.framing import (
-    DATA_QUANTUM,
     DataReceived,
     Event,
     FailReason,
@@ -36,6 +36,7 @@ from server.framing import (
     GoAwayReceived,
     Hello,
     HelloReceived,
+    PongReceived,
     ProtocolError,
     StreamEnded,
     StreamOpened,
@@ -49,9 +50,9 @@ from server.framing import (
 from server.stream_api import DialError, StreamClosedError
 from server.tls import TlsError, TlsSession
 
-#: Queued TLS output above which the tunnel stops taking more from its streams.
-TUNNEL_WRITE_HIGH = 128 * 1024
-TUNNEL_WRITE_LOW = 32 * 1024
+#: Protocol output encrypted and written at a time while the kernel takes it all: what it does
+#: not take waits in the transport (and the tunnel writes no more until that is gone).
+FLUSH_CHUNK = 64 * 1024
 #: Unsent bytes the kernel may hold for the tunnel socket (TCP_NOTSENT_LOWAT): the rest waits
 #: in the protocol's per-stream queues, where the scheduler can still put a small reply first.
 NOTSENT_LOWAT = 128 * 1024
@@ -59,6 +60,9 @@ NOTSENT_LOWAT = 128 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform.startswith("linux") else None)
 #: Protocol output (frames not yet encrypted) a stream may add to before it must wait.
 OUTPUT_BUDGET = 1024 * 1024
+#: Streams that waited for the budget read again once the output is below this (not at every
+#: write: pausing and resuming 64 sockets per chunk would cost more than the data).
+OUTPUT_LOW = OUTPUT_BUDGET // 2
 #: Largest single read from a stream's socket (one shared buffer per loop).
 READ_SIZE = 256 * 1024
 #: A stream's socket buffer above which received data is no longer credited back.
@@ -236,7 +240,7 @@ class StreamRelay(asyncio.BufferedProtocol):
                 return
         self._finish_if_done()
 
-    def abort(self, message: str = "", reason: str = "cancelled") -> None:
+    def abort(self, message: str = "", reason: FailReason = FailReason.CANCELLED) -> None:
         """The peer reset the stream or the tunnel died: drop the socket at once."""
         self._done = True
         self.write_out()  # credits the dropped bytes back
@@ -320,7 +324,7 @@ class TunnelStream:
         self._eof = True
         self._wake()
 
-    def abort(self, message: str = "stream closed", reason: str = "cancelled") -> None:
+    def abort(self, message: str = "stream closed", reason: FailReason = FailReason.CANCELLED) -> None:
         """Reset by the peer or the tunnel: what arrived before stays readable (an early 413)."""
         if self._error is None:
             self._error = StreamClosedError(message, reason)
@@ -386,7 +390,7 @@ class TunnelStream:
             if self._error is not None:
                 raise self._error
             if self._fin_sent:
-                raise StreamClosedError("stream already shut down for writing", "internal")
+                raise StreamClosedError("stream already shut down for writing", FailReason.INTERNAL)
             allowance = self.session.read_allowance(self.stream_id)
             if allowance > 0:
                 taken = self.session.send(self.stream_id, view[:allowance])
@@ -407,7 +411,7 @@ class TunnelStream:
             return
         self._closed = True
         if self._error is None:
-            self._error = StreamClosedError("stream closed by the application", "cancelled")
+            self._error = StreamClosedError("stream closed by the application", FailReason.CANCELLED)
         self._drop_buffer()
         self.session.release(self)
 
@@ -467,6 +471,7 @@ class TunnelSession(asyncio.Protocol):
         dead_after: float,
         keepalive_interval: float | None = None,
         stream_idle_timeout: float = 0.0,
+        window_tuner: WindowTuner | None = None,
         on_ready: SessionHandler | None = None,
         on_open_request: OpenRequestHandler | None = None,
         on_closed: ClosedHandler | None = None,
@@ -480,6 +485,8 @@ class TunnelSession(asyncio.Protocol):
         self.dead_after = dead_after
         self.keepalive_interval = keepalive_interval
         self.stream_idle_timeout = stream_idle_timeout
+        #: Sizes the streams' receive windows to the measured BDP (None: fixed initial_window).
+        self.tuner = window_tuner
         self.on_ready = on_ready
         self.on_open_request = on_open_request
         self.on_closed = on_closed
@@ -519,7 +526,8 @@ class TunnelSession(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
             except OSError:  # not on this OS: the transport's own limit still applies
                 pass
-        self.transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
+        # Paused as soon as the kernel leaves anything unsent, resumed once all of it is gone.
+        self.transport.set_write_buffer_limits(high=0, low=0)
         self._arm_timer()
         self._drive_handshake()
 
@@ -568,7 +576,7 @@ class TunnelSession(asyncio.Protocol):
         return len(self.relays) + len(self.pending)
 
     def read_allowance(self, stream_id: int) -> int:
-        if self._write_paused or self.closed_reason is not None:
+        if self.closed_reason is not None:
             return 0
         return min(self.conn.send_credit(stream_id), OUTPUT_BUDGET - self.conn.pending_output)
 
@@ -617,11 +625,11 @@ class TunnelSession(asyncio.Protocol):
         (or ``wait_open``).
         """
         if not self.accepting_streams or not self.conn.can_open_streams:
-            raise DialError("tunnel_down", f"tunnel not usable: {self.closed_reason or 'closing'}")
+            raise DialError(FailReason.TUNNEL_DOWN, f"tunnel not usable: {self.closed_reason or 'closing'}")
         try:
             sid = self.conn.open_stream(host, port)
         except UsageError as exc:
-            raise DialError("internal", str(exc)) from None
+            raise DialError(FailReason.INTERNAL, str(exc)) from None
         stream = TunnelStream(self, sid, host, port)
         self.relays[sid] = stream
         opened = self.loop.create_future()
@@ -638,7 +646,9 @@ class TunnelSession(asyncio.Protocol):
                 await opened
         except TimeoutError:
             self.reset_stream(sid, FailReason.TIMEOUT, "agent gave up waiting")
-            raise DialError("timeout", f"no answer from the tunnel server within {timeout:g} s") from None
+            raise DialError(
+                FailReason.TIMEOUT, f"no answer from the tunnel server within {timeout:g} s"
+            ) from None
         except BaseException:
             self.reset_stream(sid, FailReason.CANCELLED, "cancelled by the agent")
             raise
@@ -650,7 +660,7 @@ class TunnelSession(asyncio.Protocol):
         opened = self._opening.pop(sid, None)
         if opened is None or opened.done():
             return
-        error = DialError("timeout", f"no answer from the tunnel server within {timeout:g} s")
+        error = DialError(FailReason.TIMEOUT, f"no answer from the tunnel server within {timeout:g} s")
         opened.set_exception(error)
         stream = self.relays.get(sid)
         self.reset_stream(sid, FailReason.TIMEOUT, "agent gave up waiting")
@@ -712,8 +722,7 @@ class TunnelSession(asyncio.Protocol):
             return
         if goaway is not None:
             self.conn.goaway(goaway, reason)
-        self._write_paused = False  # last words go out whatever the budget
-        self.flush()
+        self.flush(everything=True)  # last words go out whatever the kernel's queue
         self.tls.close()
         self._write_tls()
         self._finish(reason, graceful=True)
@@ -727,26 +736,26 @@ class TunnelSession(asyncio.Protocol):
         if self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self.flush)
 
-    def flush(self) -> None:
-        """Encrypt what the protocol queued (while the socket keeps up) and write it."""
+    def flush(self, *, everything: bool = False) -> None:
+        """Encrypt and write the protocol's output while the kernel takes it (see NOTSENT_LOWAT).
+
+        What the kernel does not take yet stays in the per-stream queues, where the scheduler
+        can still put a small reply ahead of a download; ``everything`` writes it all anyway.
+        """
         self._flush_handle = None
         if self.closed_reason is not None or not self._tls_up:
             return
-        if not self._write_paused and self.conn.pending_output:
-            assert self.transport is not None
-            # Only what the socket can take now leaves the protocol's queues (see NOTSENT_LOWAT).
-            room = max(TUNNEL_WRITE_HIGH - self.transport.get_write_buffer_size(), DATA_QUANTUM)
+        assert self.transport is not None
+        while self.conn.pending_output and (everything or not self._write_paused):
             try:
-                self.tls.write(self.conn.data_to_send(limit=room))
+                self.tls.write(self.conn.data_to_send(limit=None if everything else FLUSH_CHUNK))
             except TlsError as exc:
                 self._finish(f"TLS error: {exc}")
                 return
+            self._write_tls()
         self._write_tls()
-        if not self._write_paused:
-            if self._blocked:
-                self._wake_all()
-            if self.conn.pending_output and self._flush_handle is None:
-                self._flush_handle = self.loop.call_soon(self.flush)
+        if self._blocked and self.conn.pending_output <= OUTPUT_LOW:
+            self._wake_all()
 
     def _write_tls(self) -> None:
         out = self.tls.data_to_send()
@@ -811,7 +820,11 @@ class TunnelSession(asyncio.Protocol):
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):
             relay = self.relays.get(event.stream_id)
-            self.last_activity = self.loop.time()
+            self.last_activity = now = self.loop.time()
+            if self.tuner is not None:
+                opaque = self.tuner.data_received(event.stream_id, len(event.data), now)
+                if opaque is not None:
+                    self.conn.ping(opaque)
             if relay is None and event.stream_id in self.pending:
                 self._early.setdefault(event.stream_id, []).append(event.data)  # held: within the window
             elif relay is None:
@@ -827,8 +840,7 @@ class TunnelSession(asyncio.Protocol):
         elif isinstance(event, StreamReset):
             relay = self.relays.pop(event.stream_id, None)
             if relay is not None:
-                label = event.reason.label
-                relay.abort(f"stream reset by peer ({label}): {event.message}", label)
+                relay.abort(f"stream reset by peer ({event.reason.label}): {event.message}", event.reason)
             task = self.pending.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
@@ -849,7 +861,7 @@ class TunnelSession(asyncio.Protocol):
                 relay.unblock()
         elif isinstance(event, StreamOpenFailed):
             relay = self.relays.pop(event.stream_id, None)
-            error = DialError(event.reason.label, event.message)
+            error = DialError(event.reason, event.message)
             opened = self._opening.pop(event.stream_id, None)
             if opened is not None and not opened.done():
                 opened.set_exception(error)
@@ -866,8 +878,17 @@ class TunnelSession(asyncio.Protocol):
                 self.on_open_request(self, event)
         elif isinstance(event, HelloReceived):
             self.peer_hello = event.hello
+            if self.tuner is not None:  # the path's round trip while nothing else is queued
+                self.conn.ping(self.tuner.ping(self.loop.time()))
             if self.on_ready is not None:
                 self.on_ready(self)
+        elif isinstance(event, PongReceived):
+            if self.tuner is not None and self.tuner.pong_received(event.opaque, self.loop.time()):
+                self.conn.set_stream_window(self.tuner.window)
+                self.log.debug(
+                    "stream window resized",
+                    extra={"tunnel": self.name, "window": self.tuner.window, **self.tuner.estimate()},
+                )
         elif isinstance(event, GoAwayReceived):
             self.goaway = event
             level = (
@@ -932,7 +953,7 @@ class TunnelSession(asyncio.Protocol):
             return
         if self.keepalive_interval and self._tls_up and now - self._last_ping >= self.keepalive_interval:
             self._last_ping = now
-            self.conn.ping(os.urandom(8))
+            self.conn.ping(self.tuner.ping(now) if self.tuner is not None else os.urandom(8))
             self._schedule_flush()
         if self.stream_idle_timeout > 0:
             limit = self.stream_idle_timeout
@@ -957,12 +978,12 @@ class TunnelSession(asyncio.Protocol):
         self.pending.clear()
         for opened in self._opening.values():
             if not opened.done():
-                opened.set_exception(DialError("tunnel_down", f"tunnel closed: {reason}"))
+                opened.set_exception(DialError(FailReason.TUNNEL_DOWN, f"tunnel closed: {reason}"))
         relays = list(self.relays.values())
         self.relays.clear()
         self._blocked.clear()
         for relay in relays:
-            relay.abort(f"tunnel closed: {reason}", "tunnel_down")
+            relay.abort(f"tunnel closed: {reason}", FailReason.TUNNEL_DOWN)
         if self.transport is not None:
             if graceful:
                 self.transport.close()

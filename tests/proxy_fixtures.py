@@ -27,6 +27,7 @@ from desktop import certificates
 from desktop.direct import DirectDialer as ProductDirectDialer
 from desktop.socket_stream import SocketStream
 from server.egress import EgressPolicy
+from server.framing import FailReason
 from server.stream_api import DialError
 
 #: Every network wait in these fixtures is bounded by this; it is a hang guard, not a measurement.
@@ -56,7 +57,10 @@ class DirectDialer(ProductDirectDialer):
 
 
 class FailingDialer:
-    """Refuses every dial with the same DialError, to show how each failure reaches a client."""
+    """Refuses every dial with the same DialError, to show how each failure reaches a client.
+
+    ``reason`` is a FailReason's label ("dns", "tunnel_down"), as the client sees it.
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
@@ -65,7 +69,7 @@ class FailingDialer:
 
     async def dial(self, host: str, port: int) -> SocketStream:
         self.attempts += 1
-        raise DialError(self.reason, self.message)
+        raise DialError(FailReason[self.reason.upper()], self.message)
 
 
 def closed_port() -> int:

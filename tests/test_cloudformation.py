@@ -8,6 +8,7 @@ What moto does model is checked by deploying into it (tests/test_deploy.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -19,9 +20,9 @@ import pytest
 import yaml
 
 import lambdas.handlers
-from lambdas.control import parse_duration
-from lambdas.deploy import CERT_PARAMETERS, DEFAULT_CERT_PREFIX
+from lambdas.deploy import CERT_PARAMETERS, DEFAULT_CERT_PREFIX, idle_threshold
 from server.config import ECS_STOP_TIMEOUT_SECONDS, load_server_config
+from server.durations import parse_duration
 from server.framing import (
     METRIC_ACTIVE_CONNECTIONS,
     METRIC_LAST_ACTIVITY,
@@ -434,6 +435,25 @@ def test_idle_threshold_parameter_refuses_what_the_sleep_lambda_cannot_parse(
     control: dict[str, Any], text: str
 ) -> None:
     assert not re.fullmatch(control["Parameters"]["IdleThreshold"]["AllowedPattern"], text)
+
+
+@pytest.mark.parametrize(
+    ("text", "passed_on"),
+    [("10m", "10m"), (" 10 M ", "10m"), ("1.5H", "1.5h"), ("600", "600"), ("500 ms", "500ms")],
+)
+def test_deploy_passes_on_idle_thresholds_in_the_template_pattern(
+    control: dict[str, Any], text: str, passed_on: str
+) -> None:
+    """The shared parser reads more ("1m30s"); deploy hands CloudFormation only what it accepts."""
+    assert idle_threshold(text) == passed_on
+    assert re.fullmatch(control["Parameters"]["IdleThreshold"]["AllowedPattern"], passed_on)
+    assert parse_duration(passed_on) > 0
+
+
+@pytest.mark.parametrize("text", ["1m30s", "ten minutes", "-1m", "1 0m", ""])
+def test_deploy_refuses_idle_thresholds_the_template_would_refuse(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a duration like 10m"):
+        idle_threshold(text)
 
 
 def test_sleep_runs_every_five_minutes(control: dict[str, Any]) -> None:

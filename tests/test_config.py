@@ -25,14 +25,13 @@ from server.config_loader import (
     Settings,
     add_arguments,
     default_cert_dir,
-    format_duration,
     load,
     load_from_args,
     overrides_from_args,
-    parse_duration,
     setting,
     without_settings_env,
 )
+from server.durations import format_duration, parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

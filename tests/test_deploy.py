@@ -603,12 +603,21 @@ def test_bundle_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
     assert changed.s3_key != build_bundle(first).s3_key
 
 
-def test_bundle_holds_the_lambda_modules_and_only_the_shared_protocol_from_server(tmp_path: Path) -> None:
+def test_bundle_holds_the_lambda_modules_and_only_the_shared_stdlib_modules_from_server(
+    tmp_path: Path,
+) -> None:
     bundle = build_bundle(ROOT)
     expected_lambdas = sorted(
         f"lambdas/{p.name}" for p in (ROOT / "lambdas").glob("*.py") if p.name not in DEPLOY_TOOLING
     )
-    assert list(bundle.members) == sorted([*expected_lambdas, "server/__init__.py", "server/framing.py"])
+    shared = [
+        "server/__init__.py",
+        "server/durations.py",
+        "server/errors.py",
+        "server/framing.py",
+        "server/json_logging.py",
+    ]
+    assert list(bundle.members) == sorted([*expected_lambdas, *shared])
     with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
         infos = archive.infolist()
         assert [i.filename for i in infos] == list(bundle.members)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from frame_helpers import encode_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +56,6 @@ from server.framing import (
     UsageError,
     WindowOpened,
     decode_open,
-    encode_frame,
     encode_open,
     parse_control_reply,
 )
@@ -398,7 +398,7 @@ def test_full_conversation_data_both_ways_and_half_close_each_way() -> None:
     assert agent.active_streams == 0 and server.active_streams == 0
 
 
-@pytest.mark.parametrize("reason", list(FailReason))
+@pytest.mark.parametrize("reason", [r for r in FailReason if r.on_wire])
 def test_open_fail_carries_each_reason_label(reason: FailReason) -> None:
     agent, server = connect()
     sid = agent.open_stream("target.example", 8080)
@@ -420,7 +420,23 @@ def test_fail_reason_labels_are_the_public_names() -> None:
         "shutting_down",
         "internal",
         "cancelled",
+        "tunnel_down",
     ]
+    assert [r for r in FailReason if not r.on_wire] == [FailReason.TUNNEL_DOWN]
+
+
+def test_agent_side_reasons_never_go_on_the_wire() -> None:
+    """TUNNEL_DOWN is the agent's own finding: encoding it is refused, before any state changes."""
+    agent, server = connect()
+    sid = agent.open_stream("target.example", 8080)
+    deliver(agent, server)
+    with pytest.raises(UsageError, match="never goes on the wire"):
+        server.reject_stream(sid, FailReason.TUNNEL_DOWN, "no tunnel")
+    with pytest.raises(UsageError, match="never goes on the wire"):
+        agent.reset_stream(sid, FailReason.TUNNEL_DOWN, "no tunnel")
+    assert server.is_open(sid) and agent.is_open(sid) and server.pending_output == 0
+    server.reject_stream(sid, FailReason.DNS, "no such host")
+    assert deliver(server, agent) == [StreamOpenFailed(sid, FailReason.DNS, "no such host")]
 
 
 def test_reset_closes_the_stream_and_late_frames_are_ignored() -> None:
@@ -591,20 +607,53 @@ def test_overrunning_the_credit_is_a_protocol_error() -> None:
         agent.receive_data(raw(FrameType.DATA, sid, b"a" * 97))
 
 
-def test_acknowledge_returns_credit_in_quarter_window_batches() -> None:
+def test_acknowledge_returns_credit_in_eighth_window_batches() -> None:
     agent, server = connect(agent_window=4096)
     sid = open_accepted(agent, server)
     server.send_data(sid, b"x" * 4096)
     deliver(server, agent)
-    agent.acknowledge(sid, 1023)
-    assert agent.pending_output == 0  # below a quarter window: nothing sent yet
+    agent.acknowledge(sid, 511)
+    assert agent.pending_output == 0  # below an eighth of the window: nothing sent yet
     agent.acknowledge(sid, 0)
     agent.acknowledge(sid, -5)
     assert agent.pending_output == 0
     agent.acknowledge(sid, 1)
+    assert sent_frames(agent) == [Frame(FrameType.WINDOW, sid, struct.pack(">I", 512))]
+    agent.acknowledge(sid, 3584)
+    assert sent_frames(agent) == [Frame(FrameType.WINDOW, sid, struct.pack(">I", 3584))]
+
+
+def test_a_larger_stream_window_is_granted_with_the_next_credit() -> None:
+    agent, server = connect(agent_window=4096)
+    sid = open_accepted(agent, server)
+    server.send_data(sid, b"x" * 4096)
+    deliver(server, agent)
+    agent.set_stream_window(8192)
+    assert agent.stream_window == 8192
+    agent.acknowledge(sid, 100)
+    deliver(agent, server)
+    assert server.send_credit(sid) == 4196
+    # a stream opened later starts at the HELLO's window and grows on its first return
+    later = open_accepted(agent, server)
+    assert server.send_credit(later) == 4096
+    server.send_data(later, b"y" * 10)
+    deliver(server, agent)
+    agent.acknowledge(later, 10)
+    assert sent_frames(agent) == [Frame(FrameType.WINDOW, later, struct.pack(">I", 4106))]
+
+
+def test_a_smaller_stream_window_holds_back_credit_instead_of_taking_it() -> None:
+    agent, server = connect(agent_window=4096)
+    sid = open_accepted(agent, server)
+    server.send_data(sid, b"x" * 4096)
+    deliver(server, agent)
+    agent.set_stream_window(1024)
+    agent.acknowledge(sid, 3000)  # 3000 consumed, 3072 owed back: nothing returned yet
+    assert agent.pending_output == 0
+    agent.acknowledge(sid, 1096)  # all 4096 consumed: the peer may have 1024 in flight again
     assert sent_frames(agent) == [Frame(FrameType.WINDOW, sid, struct.pack(">I", 1024))]
-    agent.acknowledge(sid, 3072)
-    assert sent_frames(agent) == [Frame(FrameType.WINDOW, sid, struct.pack(">I", 3072))]
+    with pytest.raises(UsageError):
+        agent.set_stream_window(0)
 
 
 def test_no_credit_is_returned_after_the_peer_finished() -> None:

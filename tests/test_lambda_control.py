@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 from botocore.parsers import create_parser
 
-from lambdas.control import ConfigError, ControlConfig, error_from_client_error, parse_duration
+from lambdas.control import ConfigError, ControlConfig, error_from_client_error
 from lambdas.handlers import (
     SleepFailed,
     api_handler,
@@ -25,14 +25,21 @@ from lambdas.handlers import (
     status_handler,
     wake_handler,
 )
-from lambdas.sleep_policy import MetricsWindow, ServiceSnapshot, decide, run_sleep, snapshot_service
+from lambdas.sleep_policy import (
+    MetricsWindow,
+    ServiceSnapshot,
+    SleepAction,
+    SleepDecision,
+    decide,
+    run_sleep,
+    snapshot_service,
+)
+from server.durations import parse_duration
 from server.framing import (
     ControlPlaneError,
     ControlPlaneFormatError,
     ServerState,
     ServerStatus,
-    SleepAction,
-    SleepDecision,
     parse_control_reply,
 )
 
@@ -487,21 +494,42 @@ def test_sleep_decision_round_trips_through_json() -> None:
         SleepDecision.from_json({**decision.to_json(), "idle_seconds": "long"})
 
 
+#: The ``server`` modules the Lambda zip ships (lambdas/packaging.py SERVER_MODULES).
+SHIPPED_SERVER_MODULES = {
+    "server",
+    "server.durations",
+    "server.errors",
+    "server.framing",
+    "server.json_logging",
+}
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every module an ``import`` or ``from ... import`` in ``path`` names."""
+    modules: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.append(node.module)
+    return modules
+
+
 def test_lambda_modules_import_only_what_the_bundle_carries() -> None:
-    """The Lambda zip holds lambdas/ and server/framing.py; boto3 and the stdlib come with the runtime."""
-    allowed = set(sys.stdlib_module_names) | {"boto3", "botocore", "lambdas", "server.framing", "__future__"}
+    """The Lambda zip holds lambdas/ and the stdlib-only shipped server modules; boto3 and the stdlib
+    come with the runtime."""
+    allowed = set(sys.stdlib_module_names) | {"boto3", "botocore", "lambdas", "__future__"}
     for name in ("control", "handlers", "sleep_policy", "local_gateway"):
-        tree = ast.parse((ROOT / "lambdas" / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module]
-            else:
-                continue
-            for module in modules:
-                top = module.split(".")[0]
-                ok = (
-                    module in allowed or (top in allowed and top != "server") or module.startswith("lambdas.")
-                )
-                assert ok, f"lambdas/{name}.py imports {module}, which the Lambda bundle does not carry"
+        for module in imported_modules(ROOT / "lambdas" / f"{name}.py"):
+            ok = module in SHIPPED_SERVER_MODULES or module.split(".")[0] in allowed
+            assert ok, f"lambdas/{name}.py imports {module}, which the Lambda bundle does not carry"
+
+
+def test_shipped_server_modules_need_only_the_standard_library() -> None:
+    """What the zip ships from ``server`` imports nothing the Lambda runtime lacks (not even boto3)."""
+    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    for shipped in SHIPPED_SERVER_MODULES:
+        path = ROOT / (shipped.replace(".", "/") + ("/__init__.py" if shipped == "server" else ".py"))
+        for module in imported_modules(path):
+            ok = module in SHIPPED_SERVER_MODULES or module.split(".")[0] in allowed
+            assert ok, f"{path.relative_to(ROOT)} imports {module}, which the Lambda bundle does not carry"

@@ -23,7 +23,6 @@ from desktop.socks import (
     reply_for_failure,
 )
 from server.framing import FailReason
-from server.stream_api import DIAL_FAILURE_LABELS
 
 GREETING = b"\x05\x01\x00"
 
@@ -120,35 +119,35 @@ def test_optimistic_data_after_the_request_is_kept_for_the_stream() -> None:
 
 
 EXPECTED_REPLIES = {
-    "policy": Reply.NOT_ALLOWED,
-    "refused": Reply.CONNECTION_REFUSED,
-    "dns": Reply.HOST_UNREACHABLE,
-    "timeout": Reply.TTL_EXPIRED,
-    "tunnel_down": Reply.GENERAL_FAILURE,
-    "limit": Reply.GENERAL_FAILURE,
-    "shutting_down": Reply.GENERAL_FAILURE,
-    "internal": Reply.GENERAL_FAILURE,
-    "cancelled": Reply.GENERAL_FAILURE,
+    FailReason.POLICY: Reply.NOT_ALLOWED,
+    FailReason.REFUSED: Reply.CONNECTION_REFUSED,
+    FailReason.DNS: Reply.HOST_UNREACHABLE,
+    FailReason.TIMEOUT: Reply.TTL_EXPIRED,
+    FailReason.TUNNEL_DOWN: Reply.GENERAL_FAILURE,
+    FailReason.LIMIT: Reply.GENERAL_FAILURE,
+    FailReason.SHUTTING_DOWN: Reply.GENERAL_FAILURE,
+    FailReason.INTERNAL: Reply.GENERAL_FAILURE,
+    FailReason.CANCELLED: Reply.GENERAL_FAILURE,
 }
 
 
 def test_every_dial_failure_label_has_a_reply() -> None:
-    assert set(EXPECTED_REPLIES) | {"unreachable"} == DIAL_FAILURE_LABELS
-    for label, reply in EXPECTED_REPLIES.items():
-        assert reply_for_failure(label) is reply
+    assert set(EXPECTED_REPLIES) | {FailReason.UNREACHABLE} == set(FailReason)
+    for reason, reply in EXPECTED_REPLIES.items():
+        assert reply_for_failure(reason) is reply
     assert reply_for_failure(FailReason.POLICY) is Reply.NOT_ALLOWED
-    assert reply_for_failure("unreachable", AddressType.IPV4) is Reply.NETWORK_UNREACHABLE
-    assert reply_for_failure("unreachable", AddressType.IPV6) is Reply.NETWORK_UNREACHABLE
+    assert reply_for_failure(FailReason.UNREACHABLE, AddressType.IPV4) is Reply.NETWORK_UNREACHABLE
+    assert reply_for_failure(FailReason.UNREACHABLE, AddressType.IPV6) is Reply.NETWORK_UNREACHABLE
     assert reply_for_failure(FailReason.UNREACHABLE, AddressType.DOMAIN) is Reply.HOST_UNREACHABLE
     assert Reply.TTL_EXPIRED.label == "ttl_expired"
 
 
-@pytest.mark.parametrize("label", sorted(DIAL_FAILURE_LABELS))
-def test_failed_dial_reply_bytes(label: str) -> None:
+@pytest.mark.parametrize("reason", sorted(FailReason, key=lambda reason: reason.label))
+def test_failed_dial_reply_bytes(reason: FailReason) -> None:
     handshake, _ = feed(GREETING + socks5_connect(AddressType.DOMAIN, b"example.com", 443))
-    data, reply = handshake.failed(label)
+    data, reply = handshake.failed(reason)
     assert data == bytes((5, reply, 0, 1)) + bytes(6)
-    assert reply is reply_for_failure(label, AddressType.DOMAIN)
+    assert reply is reply_for_failure(reason, AddressType.DOMAIN)
     assert handshake.phase is Phase.CLOSED
 
 
@@ -159,7 +158,7 @@ def test_socks4_and_socks4a() -> None:
     handshake, events = feed(b"\x04\x01\x01\xbb\x00\x00\x00\x01\x00example.com\x00early")
     assert events == [ConnectRequest(4, "example.com", 443, AddressType.DOMAIN)]
     assert handshake.take_leftover() == b"early"
-    data, reply = handshake.failed("refused")
+    data, reply = handshake.failed(FailReason.REFUSED)
     assert data == b"\x00\x5b" + bytes(6) and reply is Reply.CONNECTION_REFUSED
 
 
@@ -183,7 +182,7 @@ def test_answers_out_of_turn_are_programming_errors() -> None:
     with pytest.raises(RuntimeError):
         handshake.succeeded()
     with pytest.raises(RuntimeError):
-        handshake.failed("dns")
+        handshake.failed(FailReason.DNS)
 
 
 # ----------------------------------------------------------------------------- fuzzing

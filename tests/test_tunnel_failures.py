@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+from frame_helpers import encode_frame
 from origin_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
     ControlledOrigin,
     controlled_origin_fixture,
@@ -49,7 +50,6 @@ from server.framing import (
     HelloReceived,
     Role,
     TunnelConnection,
-    encode_frame,
 )
 
 pytestmark = pytest.mark.timeout(60)

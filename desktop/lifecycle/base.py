@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.errors import FluidityError
 from server.framing import ServerStatus
 
 
@@ -25,7 +26,7 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-class LifecycleError(Exception):
+class LifecycleError(FluidityError):
     """Waking, polling or killing failed; ``code`` is stable, ``message`` is for the user."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from desktop.bypass import BypassRules
 from desktop.pac import authority, pac_url
+from server.errors import FluidityError
 
 #: part name -> {key: JSON-safe value}; ``None`` as a value means "not set at all".
 Parts = dict[str, dict[str, Any]]
@@ -31,7 +32,7 @@ class Mode(enum.StrEnum):
     PAC = "pac"  # the OS fetches the agent's PAC file
 
 
-class SystemProxyError(Exception):
+class SystemProxyError(FluidityError):
     """A settings tool or API failed; the message names it and says why."""
 
 
