@@ -23,13 +23,19 @@ from dataclasses import dataclass, field
 PING_PREFIX = b"\x00bdp"
 #: Data in flight beyond one BDP, so credit coming back in batches never leaves the link idle.
 DEFAULT_GAIN = 1.2
+#: Added to every window: the receiver returns credit in batches, and what it has consumed
+#: but not yet returned is neither in flight nor queued (see framing's credit batches).
+CREDIT_SLACK = 32 * 1024
 #: The round trip the window covers at least: on loopback and LANs, the peer's own processing
 #: delay (not the path) decides how much must be in flight, and a few ms of queue there is harmless.
-DEFAULT_RTT_FLOOR = 0.005
+DEFAULT_RTT_FLOOR = 0.01
 #: The smallest window a stream is shrunk to (a few frames; small replies are never held up).
 DEFAULT_MIN_WINDOW = 64 * 1024
-#: Rate samples kept: the best of these is the path's rate (a quiet moment does not shrink it).
-RATE_SAMPLES = 16
+#: The path's rate is the best sample of this many seconds (a slow moment does not shrink the
+#: window, which would slow the next sample down: a spiral).
+RATE_HORIZON = 10.0
+#: A sample this much above the best rate so far means the path has more to give: slow start.
+RATE_GROWTH = 1.05
 #: At most one timing PING per this many seconds while data flows (about one per round trip on a WAN).
 MIN_PING_SPACING = 0.01
 #: A sample counts only if a stream used this share of its window in it (else the traffic was
@@ -58,7 +64,7 @@ class WindowTuner:
     gain: float = DEFAULT_GAIN
     rtt_floor: float = DEFAULT_RTT_FLOOR
     min_rtt: float = math.inf
-    _rates: deque[float] = field(default_factory=lambda: deque(maxlen=RATE_SAMPLES))
+    _rates: deque[tuple[float, float]] = field(default_factory=deque)  # (time, rate), rates falling
     _sent: dict[bytes, float] = field(default_factory=dict)  # opaque -> send time, oldest first
     _sample: bytes | None = None  # the PING whose round trip DATA bytes are counted against
     _bytes: int = 0
@@ -75,10 +81,26 @@ class WindowTuner:
     def estimate(self) -> dict[str, float]:
         """What the window is based on, for logs: best rate (bytes/s) and shortest round trip (ms)."""
         return {
-            "rate": round(max(self._rates, default=0.0)),
+            "rate": round(self.best_rate),
             "min_rtt_ms": round(self.min_rtt * 1000, 2) if self.min_rtt != math.inf else -1.0,
             "last_rtt_ms": round(self._last_rtt * 1000, 2),
         }
+
+    @property
+    def best_rate(self) -> float:
+        """The best delivery rate (bytes/s) of the last RATE_HORIZON seconds of samples."""
+        return self._rates[0][1] if self._rates else 0.0
+
+    def _best_rate(self, now: float) -> float:
+        while self._rates and now - self._rates[0][0] > RATE_HORIZON:
+            self._rates.popleft()
+        return self.best_rate
+
+    def _add_rate(self, rate: float, now: float) -> None:
+        """A running maximum: a sample makes every smaller, older one irrelevant."""
+        while self._rates and self._rates[-1][1] <= rate:
+            self._rates.pop()
+        self._rates.append((now, rate))
 
     def ping(self, now: float) -> bytes:
         """An opaque for a PING to send now (the tunnel's first one, keepalives): times the path."""
@@ -125,21 +147,21 @@ class WindowTuner:
         busiest = max(self._per_stream.values(), default=0)
         rate = self._bytes / rtt
         held_back = busiest >= WINDOW_LIMITED_USE * self.window
-        if self._rates:
-            link_full = rate >= LINK_FULL_RATE * max(self._rates)
-        else:  # no rate known yet: streams that together filled a window will do
-            link_full = self._bytes >= WINDOW_LIMITED_USE * self.window
+        best = self._best_rate(now)
+        # With no rate known yet, streams that together filled a window will do.
+        link_full = rate >= LINK_FULL_RATE * best if best else self._bytes >= WINDOW_LIMITED_USE * self.window
         if not (held_back or link_full):
             return False  # light traffic: nothing learnt about the path, the window stays
         if self._settling:  # this round trip still ran on the window before the last change
             self._settling = False
             return False
-        self._rates.append(rate)
+        growing = rate >= RATE_GROWTH * best
+        self._add_rate(rate, now)
         streams = max(1.0, self._bytes / busiest)  # equal shares count fully, a trickle barely
         rtt_used = max(self.min_rtt, self.rtt_floor)
-        target = int(self.gain * max(self._rates) * rtt_used / streams)
-        if busiest >= SLOW_START_USE * self.window and rtt <= SLOW_START_RTT * rtt_used:
-            target = max(target, 2 * self.window)  # window-limited and no queue yet: double, as slow start
+        target = int(self.gain * self.best_rate * rtt_used / streams) + CREDIT_SLACK
+        if growing and busiest >= SLOW_START_USE * self.window and rtt <= SLOW_START_RTT * rtt_used:
+            target = max(target, 2 * self.window)  # held back by the window alone: double, as slow start
         target = max(self.floor, min(self.ceiling, target))
         if target == self.window:
             return False

@@ -33,6 +33,8 @@ DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 #: DATA frames are cut to this size when several streams have output, so a stream with a few
 #: bytes to send waits for at most one such frame per busy stream, not for a whole window.
 DATA_QUANTUM = 16 * 1024
+#: Smallest credit return worth a WINDOW frame (see ``_credit_batch``).
+CREDIT_BATCH_MIN = 32 * 1024
 #: Control frames the peer's input made us queue (OPEN_FAIL, RESET, WINDOW) may not pile up
 #: beyond this while the peer does not read them; PONGs are coalesced and never pile up.
 DEFAULT_MAX_CONTROL_BACKLOG = 256 * 1024
@@ -420,7 +422,7 @@ class StreamState(enum.Enum):
 class _Outgoing:
     """DATA (and a FIN after it) queued for one stream, waiting for its turn on the tunnel."""
 
-    chunks: deque[bytes] = field(default_factory=deque)
+    chunks: deque[bytes | memoryview] = field(default_factory=deque)  # a cut head is a view: no copy
     size: int = 0
     fin: bool = False
     reset: bytes | None = None  # a RESET payload to send once the data is out
@@ -496,12 +498,14 @@ class TunnelConnection:
         self._emit(FrameType.HELLO, 0, hello.encode())
         self._hello_sent = True
 
-    def data_to_send(self, limit: int | None = None) -> bytearray:
+    def data_to_send(self, limit: int | None = None, quantum: int = DATA_QUANTUM) -> bytearray:
         """Frames for the peer: every control frame, then DATA round-robin across streams.
 
         ``limit`` (bytes, roughly) bounds the DATA taken now, so what has not left yet can
         still be reordered: a stream that queues a little goes out in the next turn instead
         of behind megabytes of another stream's data. Without a limit, everything queued.
+        ``quantum`` is each busy stream's turn (the I/O layer may size it to the link: a
+        turn is a wait for the others, so a few ms of link time, not a fixed byte count).
         """
         if self._pong is not None:
             self._out += HEADER.pack(FrameType.PONG, 0, 0, PING_LENGTH)
@@ -513,7 +517,8 @@ class TunnelConnection:
         ready = self._ready
         if ready:
             budget = self._queued_data if limit is None else limit
-            quantum = DATA_QUANTUM if len(ready) > 1 or limit is not None else budget
+            if len(ready) == 1:
+                quantum = budget  # alone, a stream takes whole frames
             while ready and budget > 0:
                 sid = ready.popleft()
                 queue = self._outgoing[sid]
@@ -542,9 +547,10 @@ class TunnelConnection:
             if size == len(chunk):
                 out += chunk
                 chunks.popleft()
-            else:
-                out += chunk[:size]
-                chunks[0] = chunk[size:]
+            else:  # the rest stays a view of the same bytes (a copy per cut would be quadratic)
+                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                out += view[:size]
+                chunks[0] = view[size:]
             taken += size
         queue.size -= taken
         self._queued_data -= taken
@@ -697,7 +703,7 @@ class TunnelConnection:
         if target != stream.window:
             stream.unacked += target - stream.window
             stream.window = target
-        if stream.unacked >= max(1, stream.window // 8) and stream.state is StreamState.OPEN:
+        if stream.unacked >= _credit_batch(stream.window) and stream.state is StreamState.OPEN:
             self._emit(FrameType.WINDOW, stream_id, _U32.pack(stream.unacked))
             stream.recv_remaining += stream.unacked
             stream.unacked = 0
@@ -933,6 +939,12 @@ class TunnelConnection:
             stream.send_credit += increment
             return WindowOpened(sid, increment)
         raise ProtocolError(f"unexpected {ftype.name}")  # pragma: no cover - all types handled above
+
+
+def _credit_batch(window: int) -> int:
+    """Consumed bytes returned in one WINDOW frame: an eighth of the window, but not so little
+    that small windows (many streams sharing one BDP) send a WINDOW per few kilobytes."""
+    return max(1, min(window // 2, max(window // 8, CREDIT_BATCH_MIN)))
 
 
 def _decode_window(payload: bytes, credit: int) -> int:
