@@ -324,6 +324,8 @@ class TunnelClient:
             connection_window=self.config.connection_window,
         )
         ready = loop.create_future()
+        # A connect that fails before the wait below also fails `ready`: that is no news.
+        ready.add_done_callback(lambda done: done.cancelled() or done.exception())
 
         def on_ready(session: TunnelSession) -> None:
             if not ready.done():

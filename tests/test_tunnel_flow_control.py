@@ -165,3 +165,29 @@ def test_many_parallel_downloads_do_not_queue_every_window_in_the_server(
     # Measured: about +40 MiB (relay buffers, thread stacks, malloc arenas) with the queue
     # bound, about +260 MiB without it.
     assert peak - rss_before < 96 * MIB, (rss_before, peak)
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+def test_a_download_sizes_the_stream_window_to_the_path(
+    server_factory: ServerFactory, agent_factory: AgentFactory, http_origin: OriginServer, tuning: bool
+) -> None:
+    """With window tuning, streams start at 256 KiB and a download on loopback (a fast path)
+    grows the window, by the tuner's PING timing, to well above that; without it, every stream
+    gets initial_window from the start and no timing PINGs are sent."""
+    from server.flow_control import TUNED_START_WINDOW
+
+    server = server_factory()
+    agent = agent_factory(server.port, window_tuning=tuning)
+    size = 32 * MIB
+    assert download_through(agent, http_origin.url(f"/download/{size}"), size) == pattern_sha256(size)
+    client = agent.agent._client
+    assert client is not None and client._session is not None
+    session = client._session
+    if tuning:
+        assert session.tuner is not None
+        assert session.peer_hello is not None and session.conn.initial_window == TUNED_START_WINDOW
+        assert session.tuner.min_rtt < 1.0  # the PING right after HELLO came back
+        assert session.conn.stream_window == session.tuner.window >= 4 * TUNED_START_WINDOW
+    else:
+        assert session.tuner is None
+        assert session.conn.initial_window == agent.config.initial_window == session.conn.stream_window
