@@ -20,6 +20,7 @@ like a framing field, obs-fold, a bare CR or a NUL is a 502 instead (RFC 9112 §
 
 from __future__ import annotations
 
+import functools
 import http
 import ipaddress
 import re
@@ -94,9 +95,17 @@ class _HeaderFields:
 
     headers: tuple[tuple[str, str], ...]
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, tuple[str, ...]]:
+        """Values by lower-cased name, built once: a request's head is asked for a field a
+        dozen times on its way through the proxy."""
+        index: dict[str, list[str]] = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), []).append(value)
+        return {key: tuple(values) for key, values in index.items()}
+
     def get_all(self, name: str) -> list[str]:
-        wanted = name.lower()
-        return [value for key, value in self.headers if key.lower() == wanted]
+        return list(self._by_name.get(name.lower(), ()))
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
