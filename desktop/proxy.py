@@ -558,6 +558,8 @@ class ClientExchange:
                 used = scanner.feed(self._pending)
                 await self._send_upstream(stream, bytes(self._pending[:used]))
                 del self._pending[:used]
+                if not scanner.done:
+                    continue  # what came in while that waited for the tunnel's credit goes first
             if scanner.done:
                 return
             await self._fill_from_client()

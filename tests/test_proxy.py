@@ -7,6 +7,7 @@ module and defining its own ``dialer`` fixture.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -17,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from websockets.uri import parse_uri
 
 from desktop.dialing import Dialer
 from desktop.proxy import LOGGER_NAME, LocalProxy, ProxyBindError
+from desktop.socket_stream import SocketStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,6 +241,49 @@ def test_requests_generator_body_is_sent_chunked(proxy: LocalProxy, origin_a: Or
         report = client.post(origin_a.url("/echo"), data=iter(pieces), timeout=IO_TIMEOUT).json()
     assert header(report, "Transfer-Encoding") == "chunked"
     assert report["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+class _GatedDialer(DirectDialer):
+    """Direct streams whose second send (the first body block) waits for the test's gate,
+    as a tunnel stream waits for credit."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def dial(self, host: str, port: int) -> SocketStream:
+        stream = await super().dial(host, port)
+        send = stream.sendall
+        calls = 0
+
+        async def gated(data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+            nonlocal calls
+            calls += 1
+            await send(data, timeout)
+            while calls == 2 and not self.gate.is_set():
+                await asyncio.sleep(0.01)
+
+        stream.sendall = gated  # type: ignore[method-assign]
+        return stream
+
+
+def test_a_chunked_body_tail_that_arrives_while_a_send_waits_is_relayed(
+    make_proxy: Callable[..., LocalProxy], origin_a: OriginServer
+) -> None:
+    gate = threading.Event()
+    proxy = make_proxy(_GatedDialer(gate))
+    pieces = [b"x" * 100_000, b"last"]
+    body = b"".join(b"%x\r\n" % len(piece) + piece + b"\r\n" for piece in pieces) + b"0\r\n\r\n"
+    with raw_client(proxy) as sock:
+        head = f"POST {origin_a.url('/echo')} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head.encode() + body[:100_010])
+        time.sleep(0.3)  # the proxy is inside the gated send now
+        sock.sendall(body[100_010:])  # read while it waits
+        time.sleep(0.3)
+        gate.set()
+        response, report_body = read_http_response(sock, bytearray())
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(report_body)["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
 def test_expect_100_continue_is_answered_before_the_body(proxy: LocalProxy, origin_a: OriginServer) -> None:
